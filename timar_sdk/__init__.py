@@ -2,7 +2,11 @@
 
 `import timar_sdk` never imports torch: the runtime needs only numpy, onnxruntime and soundfile.
 """
-from timar_sdk.layout import FPS, MOTION_DIM, SAMPLE_RATE
+from timar_sdk.audio import load_audio
+from timar_sdk.layout import FPS, MOTION_DIM, MOTION_NAMES, SAMPLE_RATE
+from timar_sdk.runtime.bundle import Bundle, BundleError
+from timar_sdk.runtime.session import Session, TimarInputError
 
 __version__ = "0.1.0"
-__all__ = ["FPS", "MOTION_DIM", "SAMPLE_RATE", "__version__"]
+__all__ = ["Bundle", "BundleError", "FPS", "MOTION_DIM", "MOTION_NAMES", "SAMPLE_RATE", "Session",
+           "TimarInputError", "load_audio", "__version__"]

@@ -43,7 +43,7 @@ class TrainArgs:
     ema_decay: float = 0.999
     gain_db: float = 6.0             # random audio gain augmentation, +- dB
     val_every: int = 200
-    save_every: int = 200
+    save_every: int = 100
     seed: int = 0
     device: str = "auto"
     synthetic_clips: int = 48        # --data synthetic: train clips (val gets a quarter)
@@ -52,6 +52,7 @@ class TrainArgs:
     history: str | None = None       # override the preset's history mode
     head: str | None = None          # override: "diffusion" | "mlp" (ablation)
     attention: str | None = None     # override: "band" | "full" (ablation)
+    diffusion_batch_mul: int | None = None   # override: repeats of each token in the loss
 
 
 def truncated_normal_ratio(rng: np.random.Generator, low=0.7, high=1.0, mean=1.0, std=0.25) -> float:
@@ -179,7 +180,8 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     if resume:
         cfg = TimarConfig.from_dict(resume["config"])
     else:
-        overrides = {k: getattr(args, k) for k in ("history", "head", "attention") if getattr(args, k)}
+        overrides = {k: getattr(args, k) for k in ("history", "head", "attention", "diffusion_batch_mul")
+                     if getattr(args, k)}
         cfg = preset(args.preset, **overrides)
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng([args.seed, rank])

@@ -42,7 +42,7 @@ class Attention(nn.Module):
         """x [B, N, D]; bias broadcastable to [B, H, N, M + N]; past_kv [2, B, H, M, hd] or None.
         Returns the output [B, N, D] and this call's keys/values [2, B, H, N, hd]."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         present = torch.stack([k, v])
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)

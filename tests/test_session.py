@@ -1,0 +1,221 @@
+"""The runtime Session: backends agree, feed == step, snapshots, bad input leaves no trace."""
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from test_export import perturbed
+from timar_sdk import Session, TimarInputError
+from timar_sdk.export.onnx_export import export_bundle
+from timar_sdk.model.checkpoint import save_checkpoint
+from timar_sdk.model.config import preset
+from timar_sdk.model.timar import Timar
+
+W = 8
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(1)
+    model = perturbed(Timar(preset("tiny")), seed=1)
+    root = tmp_path_factory.mktemp("session")
+    save_checkpoint(root / "model.pt", model, ema=None)
+    export_bundle(model, root / "bundle", source=str(root / "model.pt"))
+    return root / "bundle"
+
+
+def conversation(turns, seed=0):
+    rng = np.random.default_rng(seed)
+    ua = (rng.standard_normal((turns, 16000)) * 0.2).astype(np.float32)
+    aa = (rng.standard_normal((turns, 16000)) * 0.2).astype(np.float32)
+    um = (rng.standard_normal((turns, 25, 56)) * 0.3).astype(np.float32)
+    return ua, um, aa
+
+
+@pytest.mark.parametrize("history", ["masked", "feedback"])
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+@pytest.mark.parametrize("with_motion", [True, False])
+def test_onnxruntime_and_torch_backends_agree(bundle, history, cfg, with_motion):
+    turns = 2 * W + 3
+    ua, um, aa = conversation(turns)
+    a = Session(bundle, backend="onnxruntime", seed=3, history=history, cfg=cfg)
+    b = Session(bundle, backend="torch", seed=3, history=history, cfg=cfg)
+    for i in range(turns):
+        m = um[i] if with_motion else None
+        assert np.abs(a.step(ua[i], m, aa[i]) - b.step(ua[i], m, aa[i])).max() < 1e-3, f"turn {i}"
+
+
+def test_settings_change_the_output(bundle):
+    """The agreement above must not be trivial: cfg, history, seed and user motion all matter."""
+    ua, um, aa = conversation(3)
+
+    def run(motion=True, **kw):
+        s = Session(bundle, backend="onnxruntime", **{"seed": 3, **kw})
+        return np.concatenate([s.step(ua[i], um[i] if motion else None, aa[i]) for i in range(3)])
+
+    base = run()
+    for other in (run(cfg=2.0), run(history="feedback"), run(seed=4), run(motion=None)):
+        assert np.abs(base - other).max() > 1e-3
+
+
+def test_feed_in_random_pieces_equals_step(bundle):
+    turns = 5
+    ua, um, aa = conversation(turns, seed=1)
+    stepped = Session(bundle, backend="onnxruntime", seed=5)
+    want = np.concatenate([stepped.step(ua[i], um[i], aa[i]) for i in range(turns)])
+    fed = Session(bundle, backend="onnxruntime", seed=5)
+    rng = np.random.default_rng(2)
+    flat = {"user_audio": ua.reshape(-1), "agent_audio": aa.reshape(-1), "user_motion": um.reshape(-1, 56)}
+    pos = {k: 0 for k in flat}
+    got = []
+    while any(pos[k] < len(v) for k, v in flat.items()):
+        key = list(flat)[rng.integers(3)]
+        size = int(rng.integers(1, 3 * 16000)) if key != "user_motion" else int(rng.integers(1, 75))
+        piece = flat[key][pos[key]:pos[key] + size]
+        pos[key] += size
+        if len(piece):
+            got.append(fed.feed(**{key: piece}))
+    got = np.concatenate(got)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_feed_returns_empty_until_a_turn_is_complete(bundle):
+    s = Session(bundle, backend="onnxruntime")
+    out = s.feed(user_audio=np.zeros(320, np.float32), agent_audio=np.zeros(320, np.float32))
+    assert out.shape == (0, 56) and s.turns == 0
+
+
+def test_flush_returns_only_real_frames(bundle):
+    s = Session(bundle, backend="onnxruntime")
+    ua, um, aa = conversation(2)
+    s.feed(user_audio=ua.reshape(-1)[:16000 + 6400], agent_audio=aa.reshape(-1)[:16000 + 8000])
+    assert s.turns == 1
+    tail = s.flush()
+    assert tail.shape == (10, 56) and s.turns == 2      # 6400 samples = 10 frames
+    assert s.flush().shape == (0, 56)
+
+
+def test_state_snapshot_reproduces_continuation_and_reset_equals_fresh(bundle):
+    ua, um, aa = conversation(12, seed=3)
+    s = Session(bundle, backend="onnxruntime", seed=9, cfg=2.0)
+    for i in range(9):
+        s.step(ua[i], um[i], aa[i])
+    s.feed(user_audio=ua[9][:5000])                     # buffers are part of the state
+    state = s.get_state()
+    first = [s.step(ua[i], um[i], aa[i]) for i in (10, 11)]
+    s.set_state(state)
+    again = [s.step(ua[i], um[i], aa[i]) for i in (10, 11)]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    # A fork in another session continues from the buffered 5000 samples like the original.
+    s.set_state(state)
+    fork = Session(bundle, backend="onnxruntime", seed=9, cfg=2.0)
+    fork.set_state(state)
+    rest = dict(user_audio=ua[9][5000:], agent_audio=aa[9])
+    a, b = s.feed(**rest), fork.feed(**rest)
+    assert a.shape == (25, 56) and np.array_equal(a, b)
+    assert np.array_equal(fork.step(ua[10], um[10], aa[10]), s.step(ua[10], um[10], aa[10]))
+
+    s.reset()
+    fresh = Session(bundle, backend="onnxruntime", seed=9, cfg=2.0)
+    for i in range(3):
+        assert np.array_equal(s.step(ua[i], um[i], aa[i]), fresh.step(ua[i], um[i], aa[i]))
+
+
+BAD_TURNS = {
+    "short audio": dict(user_audio=np.zeros(15999, np.float32)),
+    "NaN audio": dict(agent_audio=np.full(16000, np.nan, np.float32)),
+    "Inf motion": dict(user_motion=np.full((25, 56), np.inf, np.float32)),
+    "motion 55 wide": dict(user_motion=np.zeros((25, 55), np.float32)),
+    "2-D audio": dict(user_audio=np.zeros((2, 8000), np.float32)),
+    "empty audio": dict(user_audio=np.zeros(0, np.float32)),
+    "int32 audio": dict(user_audio=np.zeros(16000, np.int32)),
+    "wrong frame count": dict(user_motion=np.zeros((24, 56), np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TURNS))
+def test_bad_turn_between_good_ones_leaves_no_trace(bundle, case):
+    ua, um, aa = conversation(2, seed=4)
+    clean = Session(bundle, backend="onnxruntime", seed=2)
+    want = [clean.step(ua[i], um[i], aa[i]) for i in range(2)]
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    got = [s.step(ua[0], um[0], aa[0])]
+    bad = {"user_audio": ua[1], "user_motion": um[1], "agent_audio": aa[1], **BAD_TURNS[case]}
+    arg = next(iter(BAD_TURNS[case]))
+    with pytest.raises(ValueError, match=arg):
+        s.step(**bad)
+    with pytest.raises(ValueError, match=arg):
+        s.feed(**bad)
+    got.append(s.step(ua[1], um[1], aa[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(got, want))
+
+
+def test_backend_error_mid_turn_leaves_no_trace(bundle):
+    ua, um, aa = conversation(2, seed=5)
+    clean = Session(bundle, backend="onnxruntime", seed=2)
+    want = [clean.step(ua[i], um[i], aa[i]) for i in range(2)]
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    got = [s.step(ua[0], um[0], aa[0])]
+    real = s.backend.denoise
+    calls = []
+
+    def failing(*args):                     # fails on the 3rd denoiser call of the turn
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    s.backend.denoise = failing
+    with pytest.raises(RuntimeError):
+        s.step(ua[1], um[1], aa[1])
+    s.backend.denoise = real
+    got.append(s.step(ua[1], um[1], aa[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(got, want))
+
+
+def test_bad_settings_are_refused(bundle):
+    with pytest.raises(ValueError, match="backend"):
+        Session(bundle, backend="cuda-magic")
+    with pytest.raises(ValueError, match="history"):
+        Session(bundle, history="forgetful")
+    with pytest.raises(ValueError, match="steps"):
+        Session(bundle, steps=0)
+    with pytest.raises(ValueError, match="bundle: no manifest.json"):
+        Session(bundle.parent)
+
+
+def test_info(bundle):
+    info = Session(bundle, backend="onnxruntime").info
+    assert info["frames_per_turn"] == 25 and info["samples_per_turn"] == 16000
+    assert info["motion_dim"] == 56 and len(info["motion_names"]) == 56
+    assert info["backend"] == "onnxruntime" and info["providers"] == ["CPUExecutionProvider"]
+
+
+def test_runtime_never_imports_torch(bundle):
+    code = ("import sys, numpy as np, timar_sdk; "
+            f"s = timar_sdk.Session({str(bundle)!r}, backend='onnxruntime'); "
+            "s.step(np.zeros(16000, np.float32), None, np.zeros(16000, np.int16)); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_soak_2000_turns_keeps_memory_and_latency_flat(bundle):
+    s = Session(bundle, backend="onnxruntime", steps=1)
+    ua, um, aa = conversation(4, seed=6)
+    times, rss = [], []
+    for i in range(2000):
+        t0 = time.perf_counter()
+        s.step(ua[i % 4], um[i % 4] if i % 3 else None, aa[i % 4])
+        times.append(time.perf_counter() - t0)
+        if i == 49:
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert (rss[1] - rss[0]) / 1024 < 20, f"peak RSS grew {(rss[1] - rss[0]) / 1024:.1f} MB"
+    early, late = np.median(times[50:250]), np.median(times[-200:])
+    assert late < 3 * early, f"per-turn latency went from {early * 1e3:.1f} ms to {late * 1e3:.1f} ms"

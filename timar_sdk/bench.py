@@ -1,0 +1,166 @@
+"""`timar-bench`: per-turn latency of a Session, split by stage, against the torch full-window
+recompute of the same model (what the authors' code does every turn)."""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from timar_sdk.runtime.session import Session
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _summary(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "mean_ms": float(ms.mean()), "n": len(ms)}
+
+
+class _StageTimer:
+    """Wraps a backend's graph calls and accumulates their time per turn."""
+
+    def __init__(self, backend):
+        self.backend, self.current = backend, {}
+        for method, stage in (("encode_audio", "audio_encoder"), ("encoder_step", "encoder_step"),
+                              ("denoise", "sampler")):
+            setattr(backend, method, self._wrap(getattr(backend, method), stage))
+
+    def _wrap(self, fn, stage):
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.current[stage] = self.current.get(stage, 0.0) + time.perf_counter() - t0
+        return timed
+
+
+def bench_session(session: Session, turns: int = 50, warmup: int = 5, seed: int = 0) -> dict:
+    """Latency of `session.step` over `turns` turns of random audio and motion."""
+    rng = np.random.default_rng(seed)
+    s, f = session.samples, session.frames
+    timer = _StageTimer(session.backend)
+    total, stages = [], {"audio_encoder": [], "encoder_step": [], "sampler": []}
+    for i in range(warmup + turns):
+        ua = (rng.standard_normal(s) * 0.1).astype(np.float32)
+        aa = (rng.standard_normal(s) * 0.1).astype(np.float32)
+        um = (rng.standard_normal((f, 56)) * 0.1).astype(np.float32)
+        timer.current = {}
+        t0 = time.perf_counter()
+        session.step(ua, um, aa)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            total.append(dt)
+            for k in stages:
+                stages[k].append(timer.current.get(k, 0.0))
+    turn_s = f / session.bundle["fps"]
+    # The sampler stage holds the denoiser calls; its numpy arithmetic is in "other".
+    other = [t - sum(stages[k][i] for k in stages) for i, t in enumerate(total)]
+    return {"turn": _summary(total), **{k: _summary(v) for k, v in stages.items()},
+            "other": _summary(other),
+            "real_time_factor": turn_s / float(np.median(total)),
+            "peak_rss_mb": _peak_rss_mb(), "session_start_s": session.start_seconds}
+
+
+def bench_torch_window_recompute(model, turns: int = 20, warmup: int = 3, seed: int = 0,
+                                 steps: int = 5) -> dict:
+    """What the authors' code does each turn: encode the turn's audio, run the backbone over the
+    whole W-turn window (W*110 tokens), and sample the current turn; torch eager, no cache."""
+    import torch
+
+    from timar_sdk.model.diffusion import numpy_denoiser
+    from timar_sdk.runtime.rng import PhiloxNormal
+    from timar_sdk.sampler import respaced_schedule, sample_turn
+
+    c = model.cfg
+    w, f = c.context_turns, c.frames_per_turn
+    g = torch.Generator().manual_seed(seed)
+    feats = model.encode_audio(torch.randn(2, w, c.samples_per_turn, generator=g) * 0.1).detach()
+    motion = torch.randn(w, f, 56, generator=g)[None] * 0.1
+    sched = respaced_schedule(model.head.alphas_cumprod.double().numpy(), steps)
+    noise = PhiloxNormal(seed)
+    denoise = numpy_denoiser(model.head.net)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + turns):
+            t0 = time.perf_counter()
+            model.encode_audio(torch.randn(2, c.samples_per_turn, generator=g) * 0.1)
+            z = model.forward_full(feats[0:1], motion, feats[1:2], motion, torch.ones(1, w, f),
+                                   torch.zeros(1, w, 2 * f), torch.zeros(1, w))
+            sample_turn(denoise, z[0, -1].numpy(), noise, sched)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return _summary(times)
+
+
+def random_weight_bundle(preset_name: str, out_dir: Path):
+    """Export a randomly initialised model of a preset (for timing only) and return it."""
+    import torch
+
+    from timar_sdk.export.onnx_export import export_bundle
+    from timar_sdk.model.config import preset
+    from timar_sdk.model.timar import Timar
+
+    torch.manual_seed(0)
+    model = Timar(preset(preset_name)).eval()
+    export_bundle(model, out_dir, source="random weights")
+    return model
+
+
+def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=None,
+              compare_torch=True, steps=None) -> dict:
+    tmp = None
+    model = None
+    if preset_name:
+        tmp = tempfile.TemporaryDirectory(prefix="timar-bench-")
+        bundle = Path(tmp.name) / preset_name
+        model = random_weight_bundle(preset_name, bundle)
+    session = Session(bundle, backend=backend, threads=threads, steps=steps)
+    result = {"bundle": str(session.bundle.dir), "preset": session.bundle["model"]["preset"],
+              "backend": session.backend.name, "providers": session.backend.providers,
+              "steps": session.steps, "session": bench_session(session, turns)}
+    if compare_torch:
+        try:
+            import torch
+        except ImportError:
+            result["torch_window_recompute"] = "skipped: torch not installed"
+        else:
+            if threads:
+                torch.set_num_threads(threads)
+            if model is None:
+                from timar_sdk.model.checkpoint import load_model
+                from timar_sdk.runtime.backends import resolve_checkpoint
+                path = resolve_checkpoint(session.bundle.manifest.get("source_checkpoint", ""), session.bundle.dir)
+                model = load_model(path) if path else None
+            if model is None:
+                result["torch_window_recompute"] = "skipped: the bundle's checkpoint is not available"
+            else:
+                rec = bench_torch_window_recompute(model, max(5, turns // 3), steps=session.steps)
+                result["torch_window_recompute"] = rec
+                result["speedup_vs_torch_window_recompute"] = rec["p50_ms"] / result["session"]["turn"]["p50_ms"]
+    if tmp:
+        tmp.cleanup()
+    return result
+
+
+def format_result(r: dict) -> str:
+    s = r["session"]
+    lines = [f"bundle {r['bundle']} (preset {r['preset']}), backend {r['backend']} {r['providers']}, steps {r['steps']}",
+             f"per turn         p50 {s['turn']['p50_ms']:8.2f} ms   p95 {s['turn']['p95_ms']:8.2f} ms",
+             *(f"  {k:<14} p50 {s[k]['p50_ms']:8.2f} ms   p95 {s[k]['p95_ms']:8.2f} ms"
+               for k in ("audio_encoder", "encoder_step", "sampler", "other")),
+             f"real-time factor {s['real_time_factor']:.1f}x   peak RSS {s['peak_rss_mb']:.0f} MB   "
+             f"session start {s['session_start_s']:.2f} s"]
+    rec = r.get("torch_window_recompute")
+    if isinstance(rec, dict):
+        lines.append(f"torch full-window recompute p50 {rec['p50_ms']:.2f} ms   p95 {rec['p95_ms']:.2f} ms   "
+                     f"-> session is {r['speedup_vs_torch_window_recompute']:.1f}x faster")
+    elif rec:
+        lines.append(f"torch full-window recompute: {rec}")
+    return "\n".join(lines)

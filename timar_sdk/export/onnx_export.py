@@ -1,0 +1,202 @@
+"""Export a TIMAR model to the bundle of DESIGN.md section 3: three ONNX graphs and a manifest.
+
+- audio_encoder.onnx  waveform [B, S] -> speech_features [B, F, Da]
+- encoder_step.onnx   one turn against a fixed-shape KV cache -> z [B, F, D], present KV
+- denoiser.onnx       x_t [N, 56], t [N], z [N, D] -> model_output [N, 112]
+
+Opset 17 (LayerNormalization), constants folded, static shapes except the batch axis.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import timar_sdk
+from timar_sdk.export.op_support import check_ops
+from timar_sdk.layout import (EXP, JAW, MOTION_DIM, MOTION_NAMES, NECK, SPECIAL_TOKENS,
+                              special_token_positions, turn_layout)
+from timar_sdk.model.timar import Timar
+from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest
+
+STEP_INPUTS = ["user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
+               "uncond", "user_motion_absent", "past_key_values", "past_turn_age"]
+
+
+class AudioEncoderGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.encoder = model.audio_encoder
+
+    def forward(self, waveform):
+        return self.encoder(waveform)
+
+
+class EncoderStepGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_speech, user_motion, agent_speech, agent_motion, agent_mask, uncond,
+                user_motion_absent, past_key_values, past_turn_age):
+        return self.model.forward_step(user_speech, user_motion, agent_speech, agent_motion, agent_mask,
+                                       uncond, user_motion_absent, past_key_values, past_turn_age)
+
+
+class DenoiserGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.net = model.head.net
+
+    def forward(self, x_t, t, z):
+        return self.net(x_t, t, z)
+
+
+def example_inputs(model: Timar, batch: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """Random inputs of every graph (used for tracing and by the parity tests)."""
+    c = model.cfg
+    f = c.frames_per_turn
+    audio_dim = model.speech_proj.in_features
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "audio_encoder": {"waveform": r(batch, c.samples_per_turn) * 0.1},
+        "encoder_step": {
+            "user_speech": r(batch, f, audio_dim), "user_motion": r(batch, f, MOTION_DIM),
+            "agent_speech": r(batch, f, audio_dim), "agent_motion": r(batch, f, MOTION_DIM),
+            "agent_mask": torch.ones(batch, f), "uncond": torch.zeros(batch),
+            "user_motion_absent": torch.zeros(batch),
+            "past_key_values": r(c.depth, 2, batch, c.heads, c.cache_tokens, c.head_dim),
+            "past_turn_age": torch.full((batch, c.cache_tokens), c.context_turns, dtype=torch.int64),
+        },
+        "denoiser": {"x_t": r(batch * f, MOTION_DIM), "t": torch.full((batch * f,), 500.0),
+                     "z": r(batch * f, c.width)},
+    }
+
+
+GRAPH_OUTPUTS = {"audio_encoder": ["speech_features"], "encoder_step": ["z", "present_key_values"],
+                 "denoiser": ["model_output"]}
+
+
+def graph_modules(model: Timar) -> dict[str, nn.Module]:
+    return {"audio_encoder": AudioEncoderGraph(model), "encoder_step": EncoderStepGraph(model),
+            "denoiser": DenoiserGraph(model)}
+
+
+def _dynamic_axes(name: str) -> dict[str, dict[int, str]]:
+    if name == "denoiser":
+        return {n: {0: "rows"} for n in ("x_t", "t", "z", "model_output")}
+    if name == "audio_encoder":
+        return {"waveform": {0: "batch"}, "speech_features": {0: "batch"}}
+    axes = {n: {0: "batch"} for n in STEP_INPUTS + ["z"]}
+    axes["past_key_values"] = {2: "batch"}
+    axes["present_key_values"] = {2: "batch"}
+    return axes
+
+
+def _io_spec(model_proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """Names, dtypes and shapes (symbolic axes as strings) of a graph's inputs and outputs."""
+    def spec(v):
+        tt = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
+        return {"name": v.name, "dtype": dtype, "shape": shape}
+    return [spec(v) for v in model_proto.graph.input], [spec(v) for v in model_proto.graph.output]
+
+
+def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
+                 dynamic_axes: dict, path: Path, opset: int = 17) -> onnx.ModelProto:
+    torch.onnx.export(module.eval(), tuple(inputs.values()), str(path), input_names=list(inputs),
+                      output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
+                      do_constant_folding=True, dynamo=False)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    check_ops(path)
+    return proto
+
+
+def build_manifest(model: Timar, graphs: dict[str, dict], source: str) -> dict:
+    c = model.cfg
+    lay = turn_layout(c.frames_per_turn)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "timar-bundle",
+        "created_by": f"timar-sdk {timar_sdk.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_checkpoint": source,
+        "model": {**c.to_dict(), "num_params": model.num_params()},
+        "attention": "cached",
+        "fps": c.fps, "sample_rate": c.sample_rate,
+        "frames_per_turn": c.frames_per_turn, "samples_per_turn": c.samples_per_turn,
+        "motion_dim": MOTION_DIM,
+        "motion_layout": {"names": MOTION_NAMES, "exp": [EXP.start, EXP.stop],
+                          "jaw": [JAW.start, JAW.stop], "neck": [NECK.start, NECK.stop]},
+        "turn_layout": {"tokens_per_turn": c.tokens_per_turn, "special_tokens": list(SPECIAL_TOKENS),
+                        "special_token_positions": special_token_positions(c.frames_per_turn),
+                        **{k: list(v) for k, v in lay.items()}},
+        "context_turns": c.context_turns,
+        "history": c.history,
+        "cache": {"layers": c.depth, "heads": c.heads, "head_dim": c.head_dim,
+                  "slots": c.context_turns - 1, "tokens_per_slot": c.tokens_per_turn,
+                  "empty_age": c.context_turns,
+                  "past_key_values_shape": [c.depth, 2, "batch", c.heads, c.cache_tokens, c.head_dim]},
+        "motion_mean": model.motion_mean.tolist(), "motion_std": model.motion_std.tolist(),
+        "diffusion": {"num_train_steps": len(model.head.alphas_cumprod), "prediction": "x0",
+                      "variance": "learned_range", "schedule": "cosine",
+                      "alphas_cumprod": model.head.alphas_cumprod.double().tolist()},
+        "sampling": {"steps": c.steps, "temperature": c.temperature, "cfg": c.cfg},
+        "generator": GENERATOR,
+        "graphs": graphs,
+        "engines": [],
+    }
+
+
+def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int = 1,
+                  source: str = "") -> dict:
+    """Write the three graphs and manifest.json into out_dir (replacing an older bundle there).
+    Returns the manifest. `batch` is the batch size used for tracing (the axis stays dynamic)."""
+    if model.cfg.head != "diffusion":
+        raise ValueError("model: only diffusion-head models export (the MLP head is a training ablation)")
+    if model.cfg.attention != "band":
+        raise ValueError("model: full-attention models cannot stream with a cache; export needs attention='band'")
+    if opset < 17:
+        raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
+    model = model.eval().cpu()
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    inputs = example_inputs(model, batch)
+    graphs = {}
+    with torch.no_grad():
+        for name, module in graph_modules(model).items():
+            path = tmp / f"{name}.onnx"
+            proto = export_graph(module, inputs[name], GRAPH_OUTPUTS[name], _dynamic_axes(name), path, opset)
+            ins, outs = _io_spec(proto)
+            graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
+    manifest = build_manifest(model, graphs, source)
+    validate_manifest(manifest)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)            # the bundle appears whole or not at all
+    return manifest
+
+
+def ort_vs_torch(bundle_dir: str | Path, model: Timar, name: str,
+                 inputs: dict[str, torch.Tensor]) -> float:
+    """Parity harness: max abs difference over all outputs between the ONNX graph in ONNX
+    Runtime (CPU) and the same torch module, on the same inputs."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(Path(bundle_dir) / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.no_grad():
+        want = graph_modules(model.eval())[name](*inputs.values())
+    want = want if isinstance(want, tuple) else (want,)
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))

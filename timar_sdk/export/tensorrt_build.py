@@ -1,0 +1,340 @@
+"""TensorRT engines for a bundle (``timar-build``), with the TensorRT 10 Python API.
+
+For every graph in ``manifest.json`` this parses the ONNX file with ``trt.OnnxParser``, builds
+one optimisation profile covering the manifest's dynamic axes, optionally enables FP16 while
+keeping normalisation (and, by default, reduction) layers in FP32, reuses a timing cache kept
+in the bundle (``engines/timing.cache``), and writes ``engines/<gpu-slug>-trt<version>/<graph>.plan``.
+The engine set is then recorded in the manifest's ``engines`` list (schema ``engine_set``:
+``dir``, ``gpu``, ``tensorrt``, ``files``, plus build details); nothing else in the manifest changes.
+
+Dynamic axes (shape entries that are strings): ``batch`` = 1..max_batch (opt min(2, max_batch):
+one conversation with its CFG row), ``rows`` = 1..max_batch*frames_per_turn (opt
+opt_batch*frames_per_turn). Engines are tied to the GPU model and TensorRT version that built them.
+
+Written against NVIDIA's TensorRT 10 Python API documentation; no TensorRT was available where
+this was written, so the build path has only been exercised where ``tests/test_op_support.py``
+finds ``tensorrt`` and a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import click
+
+from timar_sdk.runtime.bundle import sha256_of
+
+INSTALL_HINT = ("install with pip install 'timar-sdk[tensorrt]', which needs NVIDIA's package index: "
+                "pip install tensorrt --extra-index-url https://pypi.nvidia.com (plus an NVIDIA CUDA driver)")
+TIMING_CACHE = Path("engines") / "timing.cache"
+# Layer types kept in FP32 under --fp16 (names of trt.LayerType members; missing names are skipped).
+FP32_LAYER_TYPES: tuple[str, ...] = ("NORMALIZATION", "REDUCE")
+DEFAULT_FRAMES_PER_TURN = 25
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT, pycuda or a CUDA GPU is missing; the message is one line saying which and how to fix it."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def check_tensorrt_available() -> None:
+    """Raise ``TensorRTUnavailable`` (one line: what is missing, how to install it) unless the
+    ``tensorrt`` package with its libraries, pycuda and a CUDA GPU are all usable."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        if importlib.util.find_spec("tensorrt") is None:
+            raise TensorRTUnavailable(f"TensorRT is missing: the `tensorrt` Python package is not installed; "
+                                      f"{INSTALL_HINT}") from None
+        raise TensorRTUnavailable(f"TensorRT is missing: the `tensorrt` package is installed but its libraries "
+                                  f"do not load ({_one_line(e)}); {INSTALL_HINT}") from None
+    except OSError as e:
+        raise TensorRTUnavailable(f"TensorRT is missing: the `tensorrt` libraries do not load ({_one_line(e)}); "
+                                  f"{INSTALL_HINT}") from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
+        raise TensorRTUnavailable("TensorRT is missing: the installed `tensorrt` package has no Builder/OnnxParser "
+                                  f"(the PyPI stub without NVIDIA's libraries); {INSTALL_HINT}")
+    if importlib.util.find_spec("pycuda") is None:
+        raise TensorRTUnavailable("pycuda is missing (timar-build uses it to identify the GPU): "
+                                  "pip install 'timar-sdk[tensorrt]' or pip install pycuda (builds against the CUDA toolkit)")
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        count = cuda.Device.count()
+    except Exception as e:  # ImportError (no libcuda), pycuda.driver.Error (no driver/device)
+        raise TensorRTUnavailable(f"no usable CUDA driver: pycuda could not initialise CUDA ({_one_line(e)}); "
+                                  "install the NVIDIA GPU driver on a machine with an NVIDIA GPU") from None
+    if count < 1:
+        raise TensorRTUnavailable("no CUDA GPU found (pycuda sees 0 devices); TensorRT engines are built on the GPU "
+                                  "they will run on")
+
+
+def gpu_info(device: int = 0) -> dict[str, str]:
+    """Name (e.g. ``"NVIDIA H100 80GB HBM3"``) and compute capability (``"9.0"``) of a CUDA device."""
+    import pycuda.driver as cuda
+
+    cuda.init()
+    dev = cuda.Device(device)
+    major, minor = dev.compute_capability()
+    return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
+
+
+def slug(text: str) -> str:
+    """Lower-case file-name form: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "gpu"
+
+
+def frames_per_turn(manifest: Mapping[str, Any]) -> int:
+    """Motion frames per turn F: ``manifest["frames_per_turn"]``, else dim 1 of encoder_step's ``z``
+    output, else 25."""
+    f = manifest.get("frames_per_turn")
+    if isinstance(f, int) and f > 0:
+        return f
+    for out in manifest.get("graphs", {}).get("encoder_step", {}).get("outputs", []):
+        shape = out.get("shape", [])
+        if out.get("name") == "z" and len(shape) > 1 and isinstance(shape[1], int):
+            return shape[1]
+    return DEFAULT_FRAMES_PER_TURN
+
+
+def axis_ranges(manifest: Mapping[str, Any], max_batch: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) for each named dynamic axis of the bundle."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    f = frames_per_turn(manifest)
+    opt = min(2, max_batch)
+    return {"batch": (1, opt, max_batch), "rows": (1, opt * f, max_batch * f)}
+
+
+def profile_shapes(inputs: Sequence[Mapping[str, Any]], ranges: Mapping[str, tuple[int, int, int]],
+                   graph: str = "graph") -> dict[str, dict[str, list[int]]]:
+    """``{input: {"min": [...], "opt": [...], "max": [...]}}`` for every input with a dynamic axis.
+
+    ``inputs`` are manifest tensor entries (``name``, ``dtype``, ``shape`` with ints and axis names).
+    """
+    out: dict[str, dict[str, list[int]]] = {}
+    for spec in inputs:
+        shape = spec["shape"]
+        if all(isinstance(d, int) for d in shape):
+            continue
+        for d in shape:
+            if isinstance(d, str) and d not in ranges:
+                raise ValueError(f"{graph}: input {spec['name']!r} has dynamic axis {d!r}; "
+                                 f"timar-build knows {sorted(ranges)}")
+        out[spec["name"]] = {k: [ranges[d][i] if isinstance(d, str) else int(d) for d in shape]
+                             for i, k in enumerate(("min", "opt", "max"))}
+    return out
+
+
+def _parser_error(err: Any) -> str:
+    """One parser error as text: description, and the ONNX node where the parser says it failed."""
+    parts = [str(err.desc())]
+    name = getattr(err, "node_name", None)
+    op = getattr(err, "node_operator", None)
+    where = []
+    if callable(op) and op():
+        where.append(op())
+    if callable(name) and name():
+        where.append(repr(name()))
+    if not where and err.node() >= 0:
+        where.append(f"node #{err.node()}")
+    if where:
+        parts.append("at " + " ".join(where))
+    return " ".join(parts)
+
+
+def _pin_fp32(trt: Any, network: Any, layer_types: Sequence[str]) -> int:
+    """Ask TensorRT to run the given layer types in FP32 (precision, output types, and compute
+    precision of normalisation layers). Layers with non-float32 or shape-tensor outputs (integer
+    reductions on shapes) are left alone. Returns how many layers were pinned."""
+    kinds = {getattr(trt.LayerType, n) for n in layer_types if hasattr(trt.LayerType, n)}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type not in kinds:
+            continue
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if any(t.dtype != trt.float32 or getattr(t, "is_shape_tensor", False) for t in outputs):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        if layer.type == getattr(trt.LayerType, "NORMALIZATION", None):
+            try:  # reach INormalizationLayer's attributes through the generic ILayer handle
+                layer.__class__ = trt.INormalizationLayer
+                layer.compute_precision = trt.float32
+            except (AttributeError, TypeError):
+                pass
+        pinned += 1
+    return pinned
+
+
+def _read_cache(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _build_one(trt: Any, logger: Any, onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
+               fp16: bool, workspace_bytes: int, cache_path: Path, fp32_layers: Sequence[str]) -> tuple[bytes, int]:
+    """Parse, configure and build one engine; returns (serialized plan, number of FP32-pinned layers)."""
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    # Explicit batch is the only mode (and the default) from TensorRT 10; older versions need the flag.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["(no error reported)"]
+        raise RuntimeError(f"{onnx_path}: TensorRT {trt.__version__} could not parse it:\n  " + "\n  ".join(errors))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name in shapes:
+            s = shapes[tensor.name]
+            profile.set_shape(tensor.name, s["min"], s["opt"], s["max"])
+        elif any(d < 0 for d in tensor.shape):
+            raise ValueError(f"{onnx_path}: input {tensor.name!r} has dynamic shape {tuple(tensor.shape)} "
+                             "but manifest.json gives it no dynamic axis")
+    if shapes:
+        config.add_optimization_profile(profile)
+
+    pinned = 0
+    if fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise RuntimeError(f"--fp16 uses BuilderFlag.FP16, which TensorRT {trt.__version__} no longer has "
+                               "(strongly typed networks only); build FP32 or use TensorRT 10.x")
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = _pin_fp32(trt, network, fp32_layers)
+
+    # Timing cache shared by all builds of this bundle. A cache from another GPU or TensorRT
+    # version is refused (ignore_mismatch=False) and replaced by a fresh one.
+    try:
+        cache = config.create_timing_cache(_read_cache(cache_path))
+        loaded = cache is not None and config.set_timing_cache(cache, False)
+    except (RuntimeError, TypeError, ValueError):  # unreadable cache file
+        loaded = False
+    if not loaded:
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT {trt.__version__} failed to build an engine "
+                           "(see the TensorRT messages above)")
+    _write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(plan)), pinned
+
+
+def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: float = 4.0, max_batch: int = 2,
+                  timing_cache: str | Path | None = None, graphs: Sequence[str] | None = None,
+                  fp32_layers: Sequence[str] = FP32_LAYER_TYPES) -> dict:
+    """Build one TensorRT engine per bundle graph on the current GPU and record them in manifest.json.
+
+    Args:
+        bundle_dir: bundle folder (``manifest.json`` and the ONNX graphs it lists).
+        fp16: allow FP16 kernels; layers of ``fp32_layers`` types stay FP32.
+        workspace_gb: builder workspace memory pool limit, GiB.
+        max_batch: largest batch of the optimisation profile (``rows`` axis: max_batch * frames_per_turn).
+        timing_cache: timing cache file, loaded if present and rewritten after each build
+            (default ``<bundle>/engines/timing.cache``).
+        graphs: subset of graph names to build (default: all in the manifest).
+    Returns:
+        The engine-set entry written to ``manifest["engines"]`` (``dir``, ``gpu``, ``tensorrt``,
+        ``compute_capability``, ``fp16``, ``max_batch``, ``files`` {graph: file, sha256, profile, ...}).
+    Raises:
+        TensorRTUnavailable: TensorRT, pycuda or a GPU is missing (before anything else is done).
+        FileNotFoundError / ValueError: bundle problems (missing file, sha256 mismatch, unknown axis).
+        RuntimeError: TensorRT could not parse or build a graph (parser errors listed).
+    """
+    check_tensorrt_available()
+    import tensorrt as trt
+
+    bundle = Path(bundle_dir)
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: missing (expected a bundle written by timar-export)")
+    manifest = json.loads(manifest_path.read_text())
+    if workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
+    names = list(graphs) if graphs is not None else list(manifest["graphs"])
+    unknown = [n for n in names if n not in manifest["graphs"]]
+    if unknown:
+        raise ValueError(f"{manifest_path}: no graph(s) {unknown}; it has {list(manifest['graphs'])}")
+    ranges = axis_ranges(manifest, max_batch)
+    plans = {}
+    for name in names:
+        g = manifest["graphs"][name]
+        path = bundle / g["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (graph {name!r} listed in manifest.json)")
+        digest = sha256_of(path)
+        if "sha256" in g and digest != g["sha256"]:
+            raise ValueError(f"{path}: sha256 does not match manifest.json (graph {name!r})")
+        plans[name] = (path, digest, profile_shapes(g["inputs"], ranges, name))
+
+    gpu = gpu_info()
+    rel_dir = Path("engines") / f"{slug(gpu['name'])}-trt{trt.__version__}"
+    cache_path = Path(timing_cache) if timing_cache is not None else bundle / TIMING_CACHE
+    logger = trt.Logger(trt.Logger.WARNING)
+    files: dict[str, dict] = {}
+    for name, (path, digest, shapes) in plans.items():
+        t0 = time.perf_counter()
+        plan, pinned = _build_one(trt, logger, path, shapes, fp16, int(workspace_gb * (1 << 30)),
+                                  cache_path, fp32_layers)
+        rel = rel_dir / f"{name}.plan"
+        _write_atomic(bundle / rel, plan)
+        files[name] = {"file": rel.as_posix(), "sha256": sha256_of(bundle / rel), "onnx_sha256": digest,
+                       "bytes": len(plan), "profile": shapes, "fp32_layers": pinned,
+                       "build_seconds": round(time.perf_counter() - t0, 1)}
+
+    entry = {"dir": rel_dir.as_posix(), "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
+             "tensorrt": trt.__version__, "fp16": bool(fp16), "fp32_layer_types": list(fp32_layers) if fp16 else [],
+             "max_batch": int(max_batch), "workspace_gb": float(workspace_gb),
+             "timing_cache": cache_path.relative_to(bundle).as_posix() if cache_path.is_relative_to(bundle)
+             else str(cache_path),
+             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    # Re-read just before writing: keep every other field as it is on disk now.
+    manifest = json.loads(manifest_path.read_text())
+    manifest["engines"] = [e for e in manifest.get("engines", []) if e.get("dir") != entry["dir"]] + [entry]
+    _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    return entry
+
+
+@click.command(name="timar-build")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Bundle folder written by timar-export.")
+@click.option("--fp16", is_flag=True, help="Allow FP16 kernels (normalisation/reductions stay FP32).")
+@click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="Builder workspace memory limit, GiB.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Largest batch the engines accept (CFG counts: one conversation with CFG is 2).")
+def build_cmd(bundle_dir: Path, fp16: bool, workspace_gb: float, max_batch: int) -> None:
+    """Build TensorRT engines for a bundle on this GPU and record them in its manifest.json."""
+    try:
+        entry = build_engines(bundle_dir, fp16=fp16, workspace_gb=workspace_gb, max_batch=max_batch)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:  # TensorRTUnavailable is a RuntimeError
+        raise click.ClickException(str(e) if not isinstance(e, KeyError) else f"manifest.json: missing key {e}") from None
+    click.echo(f"{entry['gpu']} (sm {entry['compute_capability']}), TensorRT {entry['tensorrt']}, "
+               f"fp16={entry['fp16']}, max_batch={entry['max_batch']}")
+    for name, f in entry["files"].items():
+        click.echo(f"  {f['file']}  {f['bytes'] / 1e6:.1f} MB  {f['build_seconds']} s  sha256 {f['sha256'][:12]}")

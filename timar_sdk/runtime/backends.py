@@ -1,0 +1,178 @@
+"""Backends run the bundle's three graphs; everything else (ring, sampler, noise) is shared.
+
+Every backend offers the same small interface, with numpy in and out at its edges:
+  encode_audio(waveform [2, S]) -> speech features [2, F, Da]
+  encoder_step(inputs: dict of numpy, cache) -> z [B, F, D], present (backend-native)
+  denoise(x_t [N, 56], t [N], z [N, D]) -> [N, 112]
+  new_cache(rows) / commit(cache, present, slot) / cache_to_numpy(cache) / cache_from_numpy(a)
+The cache holds `rows` identical copies (rows = 2 when classifier-free guidance is on, so the
+conditional and unconditional rows read the same past); commit writes the conditional row's
+present keys/values into one slot of every row.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from timar_sdk.runtime.bundle import Bundle, BundleError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+class HostCacheBackend:
+    """The cache as one host numpy array [L, 2, rows, H, (W-1)*P, hd], written in place."""
+
+    def _init_cache(self, bundle: Bundle) -> None:
+        self.cache_shape = [d if isinstance(d, int) else 1 for d in bundle["cache"]["past_key_values_shape"]]
+        self.tokens_per_slot = bundle["cache"]["tokens_per_slot"]
+
+    def new_cache(self, rows: int) -> np.ndarray:
+        shape = list(self.cache_shape)
+        shape[2] = rows
+        return np.zeros(shape, np.float32)
+
+    def commit(self, cache: np.ndarray, present: np.ndarray, slot: int) -> np.ndarray:
+        p = self.tokens_per_slot
+        cache[:, :, :, :, slot * p:(slot + 1) * p] = present[:, :, :1]
+        return cache
+
+    @staticmethod
+    def cache_to_numpy(cache: np.ndarray) -> np.ndarray:
+        return cache.copy()
+
+    @staticmethod
+    def cache_from_numpy(array: np.ndarray) -> np.ndarray:
+        return np.array(array, np.float32, copy=True)
+
+
+class OrtBackend(HostCacheBackend):
+    """ONNX Runtime: CPU by default, the CUDA provider when installed and asked for."""
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ValueError(f"providers: {missing} not available in this onnxruntime (has {available})")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL   # one turn at a time: no inter-op pool
+        opts.inter_op_num_threads = 1
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {}
+        for name in ("audio_encoder", "encoder_step", "denoiser"):
+            path = bundle.graph_path(name)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+                raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
+        self.providers = self.sessions["encoder_step"].get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._init_cache(bundle)
+        self._step_outputs = [o.name for o in self.sessions["encoder_step"].get_outputs()]
+
+    def encode_audio(self, waveform: np.ndarray) -> np.ndarray:
+        return self.sessions["audio_encoder"].run(None, {"waveform": waveform})[0]
+
+    def encoder_step(self, inputs: dict[str, np.ndarray], cache: np.ndarray):
+        # IO binding: inputs are read in place (the cache is never copied on the CPU) and the
+        # outputs land in buffers ONNX Runtime allocates on the provider's device.
+        sess = self.sessions["encoder_step"]
+        binding = sess.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_cpu_input("past_key_values", cache)
+        for name in self._step_outputs:
+            binding.bind_output(name, self.device)
+        sess.run_with_iobinding(binding)
+        z, present = binding.copy_outputs_to_cpu()
+        return z, present
+
+    def denoise(self, x: np.ndarray, t: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return self.sessions["denoiser"].run(None, {"x_t": x, "t": t, "z": z})[0]
+
+
+class TorchBackend(HostCacheBackend):
+    """The training-time nn.Module run through the same loop: the reference for the others.
+    Loads the checkpoint the bundle was exported from (needs the train extra)."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("backend: 'torch' needs PyTorch: pip install 'timar-sdk[train]'") from None
+        from timar_sdk.export.onnx_export import graph_modules
+        from timar_sdk.model.checkpoint import load_model
+
+        src = bundle.manifest.get("source_checkpoint", "")
+        path = resolve_checkpoint(src, bundle.dir)
+        if path is None:
+            raise ValueError(f"backend: 'torch' needs the checkpoint this bundle was exported from "
+                             f"({src or 'not recorded'}), which is not there")
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_model(path, ema=bundle.manifest.get("ema", True))
+        self.graphs = graph_modules(model)
+        self.providers = ["torch-cpu"]
+        self.device = "cpu"
+        self._init_cache(bundle)
+
+    def _run(self, name: str, *arrays):
+        with self.torch.no_grad():
+            out = self.graphs[name](*(self.torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+        return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
+    def encode_audio(self, waveform):
+        return self._run("audio_encoder", waveform)
+
+    def encoder_step(self, inputs, cache):
+        from timar_sdk.export.onnx_export import STEP_INPUTS
+        values = {**inputs, "past_key_values": cache}
+        return self._run("encoder_step", *(values[k] for k in STEP_INPUTS))
+
+    def denoise(self, x, t, z):
+        return self._run("denoiser", x, t, z)
+
+
+def resolve_checkpoint(source: str, bundle_dir: Path) -> Path | None:
+    """A manifest's source_checkpoint as a path: 'package:<file>' names a file shipped in
+    timar_sdk/assets; a relative path is relative to the bundle."""
+    if not source:
+        return None
+    if source.startswith("package:"):
+        path = Path(__file__).resolve().parent.parent / "assets" / source.split(":", 1)[1]
+    else:
+        path = Path(source)
+        if not path.is_absolute():
+            path = bundle_dir / path
+    return path if path.is_file() else None
+
+
+def make_backend(name: str, bundle: Bundle, threads: int | None = None):
+    """'auto': TensorRT engines for this GPU, else ONNX Runtime with CUDA, else ONNX Runtime CPU."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "torch":
+        return TorchBackend(bundle, threads)
+    if name == "tensorrt" or (name == "auto" and bundle["engines"]):
+        try:
+            from timar_sdk.runtime.tensorrt_backend import TensorRTBackend
+            return TensorRTBackend(bundle)
+        except (ImportError, RuntimeError) as e:
+            if name == "tensorrt":
+                raise ValueError(f"backend: 'tensorrt' unavailable: {e}") from None
+    import onnxruntime as ort
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and not os.environ.get("TIMAR_FORCE_CPU")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return OrtBackend(bundle, providers, threads)
