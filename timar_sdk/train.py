@@ -53,6 +53,7 @@ class TrainArgs:
     head: str | None = None          # override: "diffusion" | "mlp" (ablation)
     attention: str | None = None     # override: "band" | "full" (ablation)
     diffusion_batch_mul: int | None = None   # override: repeats of each token in the loss
+    config_overrides: dict | None = None      # any other TimarConfig fields (tests, experiments)
 
 
 def truncated_normal_ratio(rng: np.random.Generator, low=0.7, high=1.0, mean=1.0, std=0.25) -> float:
@@ -182,7 +183,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
     else:
         overrides = {k: getattr(args, k) for k in ("history", "head", "attention", "diffusion_batch_mul")
                      if getattr(args, k)}
-        cfg = preset(args.preset, **overrides)
+        cfg = preset(args.preset, **overrides, **(args.config_overrides or {}))
     torch.manual_seed(args.seed + rank)
     rng = np.random.default_rng([args.seed, rank])
 

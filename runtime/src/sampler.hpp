@@ -1,0 +1,33 @@
+// The respaced Gaussian-diffusion sampler (DESIGN.md section 1), as timar_sdk/sampler.py:
+// tables in float64, then float32 math per step.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "philox.hpp"
+
+namespace timar {
+
+constexpr int kMotionDim = 56;
+
+struct Schedule {
+  std::vector<int64_t> timesteps;   // original timestep fed to the denoiser, per step k
+  std::vector<double> log_beta, log_post_var, coef_x0, coef_xt;
+  int steps() const { return int(timesteps.size()); }
+};
+
+// Kept original timesteps, as the authors' space_timesteps (round half to even).
+std::vector<int64_t> respaced_timesteps(int steps, int num_steps);
+Schedule make_schedule(const std::vector<double>& alphas_cumprod, const std::vector<int64_t>& timesteps);
+
+// denoise(x_t [rows, 56], t [rows], rows, out [rows, 112]); z is bound by the caller.
+using DenoiseFn = std::function<void(const float* x, const float* t, int rows, float* out)>;
+
+// One turn's motion in normalised space, x [frames, 56]. rows_z = frames (cfg == 1) or
+// 2 * frames (conditional rows, then unconditional). Draws the noise of DESIGN.md 4.1.
+void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
+                 double temperature, double cfg, float* x_out);
+
+}  // namespace timar
