@@ -141,8 +141,9 @@ def test_bad_files_are_reported_and_the_rest_completes(bundle, split, tmp_path):
     # speaker2's npz is the user motion of syn00000_speaker1; the wav breaks both of clip 1
     for name in ("syn00000_speaker1", "syn00001_speaker1", "syn00001_speaker2"):
         assert f"FAILED {name}: " in res.output
-    assert "syn00000_speaker2.npz" in res.output.split("FAILED syn00000_speaker1: ")[1].splitlines()[0] \
-        or "zip" in res.output.split("FAILED syn00000_speaker1: ")[1].splitlines()[0].lower()
+    assert "FAILED syn00000_speaker1: syn00000_speaker2.npz: " in res.output
+    assert "FAILED syn00001_speaker1: syn00001_speaker1.wav: " in res.output    # agent audio
+    assert "FAILED syn00001_speaker2: syn00001_speaker1.wav: " in res.output    # user audio
     assert [p.name for p in pred.iterdir() if p.suffix != ".json"] == ["syn00000_speaker2.npy"]
     result = generate_split(split, pred, bundle[0], threads=1, progress=False)
     assert result["written"] == 0 and result["skipped"] == 1

@@ -49,6 +49,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
+class _InputError(Exception):
+    """An input file of an example could not be read; the message starts with its name."""
+
+
+def _read(path: Path, load):
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - turned into a per-file failure naming the file
+        raise _InputError(f"{path.name}: {_reason(e)}") from e
+
+
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     """np.save to a hidden temporary file in the same folder, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
@@ -132,14 +143,16 @@ def generate_split(data_dir, out_dir, bundle=None, backend: str = "auto",
     sr = session.info["sample_rate"]
     for ex in tqdm(todo, desc="files", unit="file", disable=not progress):
         try:
-            user_audio = load_audio(ex.user_wav, sr)
-            agent_audio = load_audio(ex.agent_wav, sr)
-            user_motion = motion_from_npz(ex.user_npz)
+            user_audio = _read(ex.user_wav, lambda p: load_audio(p, sr))
+            agent_audio = _read(ex.agent_wav, lambda p: load_audio(p, sr))
+            user_motion = _read(ex.user_npz, motion_from_npz)
             session.reset()
-            motion = run_conversation(session, user_audio, user_motion, agent_audio, progress=False)
+            motion = run_conversation(session, agent_audio, user_motion, user_audio, progress=False)
             if len(motion) == 0:
                 raise ValueError("shorter than one turn: nothing to predict")
             _save_atomic(out / f"{ex.name}.npy", np.asarray(motion, np.float32))
+        except _InputError as e:
+            result["failed"][ex.name] = str(e)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the split
             result["failed"][ex.name] = _reason(e)
         else:

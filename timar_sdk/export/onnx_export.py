@@ -8,6 +8,7 @@ Opset 17 (LayerNormalization), constants folded, static shapes except the batch 
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -110,15 +111,24 @@ def _io_spec(model_proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
     return [spec(v) for v in model_proto.graph.input], [spec(v) for v in model_proto.graph.output]
 
 
-def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
-                 dynamic_axes: dict, path: Path, opset: int = 17) -> onnx.ModelProto:
-    torch.onnx.export(module.eval(), tuple(inputs.values()), str(path), input_names=list(inputs),
-                      output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
-                      do_constant_folding=True, dynamo=False)
-    proto = onnx.load(str(path))
+def trace_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
+                dynamic_axes: dict, opset: int = 17) -> onnx.ModelProto:
+    """Export one graph in memory (TorchScript exporter, constants folded) and check it."""
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), tuple(inputs.values()), buf, input_names=list(inputs),
+                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
-    check_ops(path)
     return proto
+
+
+def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onnx.ModelProto]:
+    """The bundle's three graphs as in-memory ONNX models."""
+    inputs = example_inputs(model, batch)
+    return {name: trace_graph(module, inputs[name], GRAPH_OUTPUTS[name], _dynamic_axes(name), opset)
+            for name, module in graph_modules(model.eval()).items()}
 
 
 def build_manifest(model: Timar, graphs: dict[str, dict], source: str) -> dict:
@@ -172,14 +182,13 @@ def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    inputs = example_inputs(model, batch)
     graphs = {}
-    with torch.no_grad():
-        for name, module in graph_modules(model).items():
-            path = tmp / f"{name}.onnx"
-            proto = export_graph(module, inputs[name], GRAPH_OUTPUTS[name], _dynamic_axes(name), path, opset)
-            ins, outs = _io_spec(proto)
-            graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
+    for name, proto in trace_graphs(model, batch, opset).items():
+        path = tmp / f"{name}.onnx"
+        onnx.save(proto, str(path))
+        check_ops(path)
+        ins, outs = _io_spec(proto)
+        graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
     manifest = build_manifest(model, graphs, source)
     validate_manifest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

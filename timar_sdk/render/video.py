@@ -54,9 +54,8 @@ def load_audio(src) -> tuple[np.ndarray, int] | None:
     if src is None:
         return None
     if isinstance(src, (str, os.PathLike)):
-        import soundfile as sf
-        data, sr = sf.read(str(src), dtype="float32", always_2d=True)
-        return data.mean(axis=1), int(sr)
+        from timar_sdk.audio import load_audio as load_file   # downmixes, resamples to 16 kHz
+        return load_file(src, SAMPLE_RATE), SAMPLE_RATE
     if isinstance(src, tuple) and len(src) == 2:
         data, sr = src
     else:
@@ -70,9 +69,8 @@ def load_audio(src) -> tuple[np.ndarray, int] | None:
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     if sr == target or len(x) == 0:
         return x
-    n = int(round(len(x) * target / sr))
-    t = np.arange(n) * (sr / target)
-    return np.interp(t, np.arange(len(x)), x).astype(np.float32)
+    import soxr
+    return soxr.resample(x, sr, target).astype(np.float32)
 
 
 def mix_audio(tracks, n_frames: int, fps: float) -> tuple[np.ndarray, int]:

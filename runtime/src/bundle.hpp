@@ -1,0 +1,53 @@
+// Reading a bundle (DESIGN.md section 3): manifest.json checked field by field, every graph file
+// present and matching its sha256. Mirrors timar_sdk/runtime/bundle.py.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace timar {
+
+struct BundleError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct EngineFile {
+  std::string path;     // absolute (bundle dir joined)
+  std::string sha256;
+};
+
+struct EngineSet {
+  std::string dir, gpu, tensorrt;
+  std::map<std::string, EngineFile> files;   // graph name -> plan
+};
+
+struct Bundle {
+  std::string dir;
+  int fps = 0, sample_rate = 0, frames = 0, samples = 0, motion_dim = 0;
+  int context_turns = 0;          // W
+  int tokens_per_turn = 0;        // P
+  std::string history;            // "masked" | "feedback"
+  int layers = 0, heads = 0, head_dim = 0, slots = 0, empty_age = 0;
+  int speech_dim = 0;             // Da: encoder_step user_speech [B, F, Da]
+  int z_dim = 0;                  // Dz: denoiser z [N, Dz]
+  std::vector<float> motion_mean, motion_std;   // [56] float32, as the Python runtime casts them
+  std::vector<double> alphas_cumprod;           // [1000]
+  int default_steps = 5;
+  double default_temperature = 1.0, default_cfg = 1.0;
+  std::string generator;
+  int exp_range[2] = {0, 50}, jaw_range[2] = {50, 53}, neck_range[2] = {53, 56};
+  std::map<std::string, std::string> graph_file, graph_sha256;   // name -> path / digest
+  std::vector<EngineSet> engines;
+
+  std::string graph_path(const std::string& name) const { return graph_file.at(name); }
+  // Check an engine set's files exist and match their sha256 (throws BundleError).
+  void verify_engine_set(const EngineSet& set) const;
+};
+
+// Throws BundleError with a message naming the file and the problem.
+Bundle load_bundle(const std::string& dir, bool verify_hashes);
+
+}  // namespace timar
