@@ -12,6 +12,7 @@ from timar_sdk.cli import run_conversation
 from timar_sdk.data.dualtalk import motion_from_npz
 from timar_sdk.data.synthetic import write_synthetic_corpus
 from timar_sdk.evaluate import eval_cmd, evaluate_dirs, generate_cmd, generate_split
+from test_export import perturbed
 from timar_sdk.export.onnx_export import export_bundle
 from timar_sdk.metrics import aggregate, compute_metrics, published_scale
 from timar_sdk.model.config import preset
@@ -19,17 +20,6 @@ from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.session import Session
 
 NAMES = ["syn00000_speaker1", "syn00000_speaker2", "syn00001_speaker1", "syn00001_speaker2"]
-
-
-def perturbed(model: Timar, seed: int = 0) -> Timar:
-    """Random weights everywhere (as in test_export), so the motion depends on the inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        model.motion_mean.copy_(torch.randn(56, generator=g) * 0.1)
-        model.motion_std.copy_(torch.rand(56, generator=g) + 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

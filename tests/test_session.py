@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_export import perturbed
-from timar_sdk import Session, TimarInputError
+from timar_sdk import Session
 from timar_sdk.export.onnx_export import export_bundle
 from timar_sdk.model.checkpoint import save_checkpoint
 from timar_sdk.model.config import preset

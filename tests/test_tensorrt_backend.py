@@ -48,8 +48,9 @@ def with_foreign_engines(bundle, dst):
     plan.parent.mkdir(parents=True)
     plan.write_bytes(b"not an engine")
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["engines"] = [{"dir": plan.parent.relative_to(dst).as_posix(), "gpu": "Imaginary GPU", "tensorrt": "0.0",
-                            "files": {"denoiser": {"file": plan.relative_to(dst).as_posix(), "sha256": sha256_of(plan)}}}]
+    files = {"denoiser": {"file": plan.relative_to(dst).as_posix(), "sha256": sha256_of(plan)}}
+    manifest["engines"] = [{"dir": plan.parent.relative_to(dst).as_posix(), "gpu": "Imaginary GPU",
+                            "tensorrt": "0.0", "files": files}]
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 

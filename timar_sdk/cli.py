@@ -56,17 +56,19 @@ def export_cmd(ckpt, out, opset, ema, batch):
         from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, load_model
     except ImportError as e:
         raise click.ClickException(f"timar-export needs the export extra: pip install 'timar-sdk[export]' ({e})")
-    path = ckpt or DEFAULT_CHECKPOINT
+    path = Path(ckpt) if ckpt else DEFAULT_CHECKPOINT
+    # The shipped checkpoint is recorded relative to the package, so the bundle stays portable.
+    source = f"package:{path.name}" if path.resolve() == DEFAULT_CHECKPOINT else str(path.resolve())
     try:
         model = load_model(path, ema=ema)
-        manifest = export_bundle(model, out, opset=opset, batch=batch, source=str(path))
+        manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     sizes = {g["file"]: (Path(out) / g["file"]).stat().st_size / 1e6 for g in manifest["graphs"].values()}
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
 
 
-def _read_user_motion(path: str) -> "np.ndarray":
+def _read_user_motion(path: str):
     import numpy as np
 
     from timar_sdk.data.dualtalk import motion_from_npz

@@ -147,7 +147,7 @@ def generate_split(data_dir, out_dir, bundle=None, backend: str = "auto",
             agent_audio = _read(ex.agent_wav, lambda p: load_audio(p, sr))
             user_motion = _read(ex.user_npz, motion_from_npz)
             session.reset()
-            motion = run_conversation(session, agent_audio, user_motion, user_audio, progress=False)
+            motion = run_conversation(session, user_audio, user_motion, agent_audio, progress=False)
             if len(motion) == 0:
                 raise ValueError("shorter than one turn: nothing to predict")
             _save_atomic(out / f"{ex.name}.npy", np.asarray(motion, np.float32))

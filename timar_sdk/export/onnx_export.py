@@ -131,7 +131,7 @@ def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onn
             for name, module in graph_modules(model.eval()).items()}
 
 
-def build_manifest(model: Timar, graphs: dict[str, dict], source: str) -> dict:
+def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool = True) -> dict:
     c = model.cfg
     lay = turn_layout(c.frames_per_turn)
     return {
@@ -140,6 +140,7 @@ def build_manifest(model: Timar, graphs: dict[str, dict], source: str) -> dict:
         "created_by": f"timar-sdk {timar_sdk.__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_checkpoint": source,
+        "source_weights": "ema" if ema else "model",
         "model": {**c.to_dict(), "num_params": model.num_params()},
         "attention": "cached",
         "fps": c.fps, "sample_rate": c.sample_rate,
@@ -168,7 +169,7 @@ def build_manifest(model: Timar, graphs: dict[str, dict], source: str) -> dict:
 
 
 def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int = 1,
-                  source: str = "") -> dict:
+                  source: str = "", ema: bool = True) -> dict:
     """Write the three graphs and manifest.json into out_dir (replacing an older bundle there).
     Returns the manifest. `batch` is the batch size used for tracing (the axis stays dynamic)."""
     if model.cfg.head != "diffusion":
@@ -189,7 +190,7 @@ def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int
         check_ops(path)
         ins, outs = _io_spec(proto)
         graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
-    manifest = build_manifest(model, graphs, source)
+    manifest = build_manifest(model, graphs, source, ema)
     validate_manifest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out.exists():

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timar_sdk.layout import EXP, JAW, MOTION_DIM, NECK

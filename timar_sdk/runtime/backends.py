@@ -122,7 +122,7 @@ class TorchBackend(HostCacheBackend):
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        model = load_model(path, ema=bundle.manifest.get("ema", True))
+        model = load_model(path, ema=bundle.manifest.get("source_weights", "ema") == "ema")
         self.graphs = graph_modules(model)
         self.providers = ["torch-cpu"]
         self.device = "cpu"

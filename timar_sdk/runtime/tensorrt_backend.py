@@ -171,6 +171,7 @@ class TensorRTBackend:
                                f"timar-build --bundle {bundle.dir}")
         import pycuda.driver as cuda
 
+        cuda.init()
         self._cuda = cuda
         self._ctx = cuda.Device(DEVICE).retain_primary_context()
         self.providers = [f"TensorRT {trt.__version__} ({gpu})"]
