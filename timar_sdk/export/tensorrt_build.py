@@ -226,6 +226,10 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, shapes: Mapping[str, Mapp
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_fp32(trt, network, fp32_layers)
+    else:
+        # TF32 is on by default on Ampere and newer; an FP32 engine should compute in FP32 so it
+        # matches ONNX Runtime to the parity tolerance.
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     # Timing cache shared by all builds of this bundle. A cache from another GPU or TensorRT
     # version is refused (ignore_mismatch=False) and replaced by a fresh one.
