@@ -74,3 +74,27 @@ def test_shipped_checkpoint_loads():
     model = load_model(DEFAULT_CHECKPOINT)
     assert model.cfg.preset == "tiny" and ckpt["val_loss_ema"] < ckpt["val_history"][0][1]
     assert DEFAULT_CHECKPOINT.stat().st_size < 15e6
+
+
+@pytest.mark.slow
+def test_torchrun_distributed_data_parallel(tmp_path):
+    """Two processes under torchrun (gloo on the CPU) train and write one checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from timar_sdk.train import TrainArgs, train; "
+        f"r = train(TrainArgs(out={str(tmp_path / 'ddp.pt')!r}, steps=2, batch_size=2, warmup=1, "
+        "val_every=2, save_every=2, synthetic_clips=2, synthetic_seconds=6.0, turns_per_window=3, "
+        f"config_overrides={SMALL!r}), progress=False); print(json.dumps(r))"
+    )
+    script = tmp_path / "ddp_job.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(script)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "ddp.pt")["step"] == 2
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2          # both ranks finished

@@ -101,14 +101,14 @@ def make_batch(items: list[dict], model: Timar, rng: np.random.Generator, device
             "user_absent": as_t(absent)}
 
 
-def batch_loss(model: Timar, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean head loss over the masked agent-motion tokens of the batch."""
-    core = model.module if hasattr(model, "module") else model
-    z = model(batch) if hasattr(model, "module") else _forward(core, batch)
+def batch_loss(model: Timar, batch: dict[str, torch.Tensor], runner=None) -> torch.Tensor:
+    """Mean head loss over the masked agent-motion tokens of the batch. `runner` is the DDP
+    wrapper when distributed (its forward runs the model, so gradients are synchronised)."""
+    z = runner(batch) if runner is not None else _forward(model, batch)
     mask = batch["agent_mask"].reshape(-1) > 0.5
     z = z.reshape(-1, z.shape[-1])[mask]
     target = batch["agent_motion"].reshape(-1, batch["agent_motion"].shape[-1])[mask]
-    return core.head.loss(z, target).mean()
+    return model.head.loss(z, target).mean()
 
 
 def _forward(model: Timar, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,7 +222,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
         opt.load_state_dict(resume["optimizer"])
         step = int(resume["step"])
         history = list(resume.get("val_history", []))
-    runner = model
+    runner = None
     if distributed:
         runner = torch.nn.parallel.DistributedDataParallel(
             _DDPWrapper(model), device_ids=[device.index] if device.type == "cuda" else None)
@@ -238,7 +238,7 @@ def train(args: TrainArgs, progress: bool = True) -> dict:
             g["lr"] = lr_at(step, args)
         items = [train_windows[i] for i in rng.integers(0, len(train_windows), args.batch_size)]
         batch = make_batch(items, model, rng, device, train=True, gain_db=args.gain_db)
-        loss = batch_loss(runner, batch)
+        loss = batch_loss(model, batch, runner)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
