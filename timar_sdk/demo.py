@@ -50,7 +50,7 @@ def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> It
         ax.plot(t, level / (level.max() + 1e-9), color="0.6", lw=1, label="agent audio level (normalised)")
         ax.plot(t, jaw / (np.abs(jaw).max() + 1e-9), color="C3", lw=1.5, label="generated jaw opening (normalised)")
         ax.set_xlabel("time (s)")
-        ax.set_title(f"TIMAR demo: jaw follows the agent's speech (r = {corr:+.2f})")
+        ax.set_title(f"TIMAR demo: generated jaw opening vs agent audio level (r = {corr:+.2f})")
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "jaw_vs_audio.png")

@@ -128,8 +128,8 @@ TIMAR_API int32_t timar_abi_version(void);
 TIMAR_API const char* timar_version(void);              /* "0.1.0"                           */
 TIMAR_API const char* timar_build_info(void);           /* backends compiled in, ORT version */
 TIMAR_API const char* timar_status_string(timar_status status);
-/* The message of the last failed call on this thread ("" if none). Valid until the next call
- * into the library on this thread. */
+/* The message of the most recent failed call on this thread ("" if none; a successful call
+ * does not clear it). The pointer stays valid until the next failing call on this thread. */
 TIMAR_API const char* timar_last_error(void);
 TIMAR_API void timar_options_init(timar_options* options);
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <filesystem>
 
 #include "backend.hpp"
 #include "error.hpp"
@@ -74,7 +75,11 @@ class OrtBackend final : public Backend {
     for (const char* name : {"audio_encoder", "encoder_step", "denoiser"}) {
       const std::string path = b.graph_path(name);
       try {
+#ifdef _WIN32
+        sessions_.emplace_back(ort_env(), std::filesystem::u8path(path).wstring().c_str(), opts);
+#else
         sessions_.emplace_back(ort_env(), path.c_str(), opts);
+#endif
       } catch (const Ort::Exception& e) {
         throw Error(TIMAR_ERR_BUNDLE, path + ": ONNX Runtime cannot load this graph (" + e.what() + ")");
       }

@@ -1,7 +1,6 @@
 #include "bundle.hpp"
 
-#include <sys/stat.h>
-
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -15,8 +14,8 @@ using json = nlohmann::json;
 constexpr int kSchemaVersion = 1;
 
 bool is_file(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  std::error_code ec;
+  return std::filesystem::is_regular_file(std::filesystem::u8path(p), ec);
 }
 
 std::string join(const std::string& dir, const std::string& rel) {
@@ -113,7 +112,7 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
     throw BundleError("bundle: no manifest.json in '" + dir + "' (expected a folder written by timar-export)");
   json m;
   {
-    std::ifstream in(path, std::ios::binary);
+    std::ifstream in(std::filesystem::u8path(path), std::ios::binary);
     std::stringstream ss;
     ss << in.rdbuf();
     try {

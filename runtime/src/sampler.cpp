@@ -1,5 +1,6 @@
 #include "sampler.hpp"
 
+#include <algorithm>
 #include <cfenv>
 #include <cmath>
 #include <stdexcept>
@@ -51,12 +52,17 @@ Schedule make_schedule(const std::vector<double>& ac_all, const std::vector<int6
 }
 
 void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
-                 double temperature, double cfg, float* x_out) {
+                 double temperature, double cfg, float* x_out, SamplerWorkspace& ws) {
   const int D = kMotionDim;
   const bool guided = cfg != 1.0;
   const int rows = guided ? 2 * frames : frames;
   const size_t n = size_t(frames) * D;
-  std::vector<float> x(n), x_in(size_t(rows) * D), t(size_t(rows)), out(size_t(rows) * 2 * D), eps(n);
+  std::vector<float>&x = ws.x, &x_in = ws.x_in, &t = ws.t, &out = ws.out, &eps = ws.eps;
+  x.resize(n);
+  x_in.resize(size_t(rows) * D);
+  t.resize(size_t(rows));
+  out.resize(size_t(rows) * 2 * D);
+  eps.resize(n);
   noise.normal(x.data(), n);
   const float temp = float(temperature), g = float(cfg);
   for (int k = sched.steps() - 1; k >= 0; --k) {

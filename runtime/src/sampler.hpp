@@ -25,9 +25,14 @@ Schedule make_schedule(const std::vector<double>& alphas_cumprod, const std::vec
 // denoise(x_t [rows, 56], t [rows], rows, out [rows, 112]); z is bound by the caller.
 using DenoiseFn = std::function<void(const float* x, const float* t, int rows, float* out)>;
 
+// Buffers reused from turn to turn (sized on first use).
+struct SamplerWorkspace {
+  std::vector<float> x, x_in, t, out, eps;
+};
+
 // One turn's motion in normalised space, x [frames, 56]. rows_z = frames (cfg == 1) or
 // 2 * frames (conditional rows, then unconditional). Draws the noise of DESIGN.md 4.1.
 void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
-                 double temperature, double cfg, float* x_out);
+                 double temperature, double cfg, float* x_out, SamplerWorkspace& ws);
 
 }  // namespace timar

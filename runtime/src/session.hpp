@@ -53,6 +53,8 @@ class Session {
   bool feedback_;
   int visible_;   // -1: all
   int rows_;
+  int64_t fail_after_ = -1;   // test hook: TIMAR_TEST_FAIL_AFTER_TURNS (one injected backend failure)
+  int64_t runs_ = 0;
   Schedule sched_;
   std::unique_ptr<Backend> backend_;
   // state
@@ -65,6 +67,7 @@ class Session {
   std::vector<float> wave_, feats_, speech_u_, speech_a_, user_motion_, agent_motion_, agent_mask_, uncond_,
       absent_, z_, x_;
   std::vector<int64_t> token_ages_;
+  SamplerWorkspace sampler_ws_;
 };
 
 }  // namespace timar

@@ -1,7 +1,9 @@
 #include "sha256.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -80,7 +82,11 @@ std::string Sha256::hex() {
 }
 
 std::string sha256_file(const std::string& path) {
+#ifdef _WIN32
+  std::unique_ptr<FILE, int (*)(FILE*)> f(_wfopen(std::filesystem::u8path(path).wstring().c_str(), L"rb"), &std::fclose);
+#else
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+#endif
   if (!f) throw std::runtime_error(path + ": cannot be read");
   Sha256 h;
   std::vector<uint8_t> buf(1 << 20);

@@ -1,0 +1,123 @@
+// Drives the native library through the Unity bindings (runtime/unity/Runtime/*.cs) under Mono:
+// a conversation fed in audio-callback-sized pieces, then flushed; the motion is written as raw
+// float32 for tests/test_native.py to compare with the Python Session. Also checks that bad
+// input raises TimarException with the library's message and leaves the session unchanged.
+//
+//   mono ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32
+using System;
+using System.IO;
+using Timar;
+
+static class ConversationTest
+{
+    static int passed, failed;
+
+    static void Check(bool ok, string what)
+    {
+        if (ok) passed++;
+        else { failed++; Console.WriteLine("FAIL " + what); }
+    }
+
+    static float[] ReadF32(string path)
+    {
+        byte[] bytes = File.ReadAllBytes(path);
+        var a = new float[bytes.Length / 4];
+        Buffer.BlockCopy(bytes, 0, a, 0, a.Length * 4);
+        return a;
+    }
+
+    static void Expect(Action call, TimarStatus status, string needle, string what)
+    {
+        try
+        {
+            call();
+            Check(false, what + ": no exception");
+        }
+        catch (TimarException e)
+        {
+            Check(e.Status == status, what + ": status " + e.Status + ", expected " + status);
+            Check(e.Message.Contains(needle), what + ": message '" + e.Message + "' lacks '" + needle + "'");
+        }
+    }
+
+    static int Main(string[] args)
+    {
+        if (args.Length != 8)
+        {
+            Console.Error.WriteLine("usage: ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32");
+            return 2;
+        }
+        float[] ua = ReadF32(args[1]), aa = ReadF32(args[2]);
+        float[] um = args[3] == "-" ? null : ReadF32(args[3]);
+        var options = TimarOptions.Default;
+        options.Seed = ulong.Parse(args[4]);
+        options.Cfg = double.Parse(args[5], System.Globalization.CultureInfo.InvariantCulture);
+        options.Threads = 1;
+        options.Backend = (int)TimarBackend.OnnxRuntimeCpu;
+        int chunk = int.Parse(args[6]);
+
+        Console.WriteLine("timar " + TimarSession.Version + ": " + TimarSession.BuildInfo);
+        Expect(() => new TimarSession("/nonexistent/bundle", options), TimarStatus.Bundle, "manifest.json", "no bundle");
+
+        using (var session = new TimarSession(args[0], options))
+        {
+            int F = session.FramesPerTurn, S = session.SamplesPerTurn, D = TimarSession.MotionDim;
+            Check(F == 25 && S == 16000 && session.Fps == 25 && session.SampleRate == 16000, "info");
+            Check(session.BackendName == "onnxruntime-cpu", "backend " + session.BackendName);
+
+            // Bad input first: every call fails and nothing changes.
+            var turn = new float[S];
+            Expect(() => session.Step(null, null, turn), TimarStatus.NullPointer, "user_audio", "null audio");
+            Expect(() => session.Step(new float[S - 1], null, turn), TimarStatus.WrongLength, "user_audio", "short audio");
+            Expect(() => session.Step(turn, new float[(F - 1) * D], turn), TimarStatus.WrongLength, "user_motion", "short motion");
+            var nan = new float[S];
+            nan[5] = float.NaN;
+            Expect(() => session.Step(turn, null, nan), TimarStatus.NotFinite, "agent_audio", "NaN audio");
+            Expect(() => session.Feed(nan, null, null), TimarStatus.NotFinite, "user_audio", "NaN feed");
+            Expect(() => session.Step(turn, null, turn, new float[D]), TimarStatus.BufferTooSmall, "out_motion", "small output");
+            Expect(() => session.SetState(new byte[16]), TimarStatus.State, "state", "bad state");
+            Check(session.Info.Turns == 0, "no turn after bad calls");
+
+            // The conversation, in audio-callback-sized pieces with the matching motion frames.
+            int total = Math.Min(ua.Length, aa.Length), motionFrames = um == null ? 0 : um.Length / D;
+            var output = new float[(total / S + 2) * F * D];
+            int written = 0, sentFrames = 0;
+            var state0 = session.GetState();
+            for (int pos = 0; pos < total; pos += chunk)
+            {
+                int n = Math.Min(chunk, total - pos);
+                int wantFrames = (int)Math.Min((long)motionFrames, ((long)(pos + n) * F + S - 1) / S);
+                int nm = wantFrames - sentFrames;
+                written += session.Feed(ua, pos, n, um, sentFrames, nm, aa, pos, n, output, written);
+                sentFrames += nm;
+            }
+            var tail = session.Flush();
+            Array.Copy(tail, 0, output, written * D, tail.Length);
+            written += tail.Length / D;
+            Console.WriteLine(written + " frames, " + session.Info.Turns + " turns");
+
+            // Restoring the fresh state and stepping turn 0 gives the same first frames.
+            session.SetState(state0);
+            var first = session.Step(Slice(ua, 0, S), um == null ? null : Slice(um, 0, F * D), Slice(aa, 0, S));
+            double diff = 0;
+            for (int i = 0; i < first.Length; i++) diff = Math.Max(diff, Math.Abs(first[i] - output[i]));
+            Check(diff < 1e-5, "state restore + step equals feed (max diff " + diff + ")");
+
+            using (var f = File.Create(args[7]))
+            {
+                var bytes = new byte[written * D * 4];
+                Buffer.BlockCopy(output, 0, bytes, 0, bytes.Length);
+                f.Write(bytes, 0, bytes.Length);
+            }
+        }
+        Console.WriteLine(passed + " passed, " + failed + " failed");
+        return failed == 0 ? 0 : 1;
+    }
+
+    static float[] Slice(float[] a, int start, int n)
+    {
+        var s = new float[n];
+        Array.Copy(a, start, s, 0, n);
+        return s;
+    }
+}

@@ -1,0 +1,251 @@
+// A managed TIMAR session: owns the native handle, checks arguments, turns error codes into
+// TimarException (with the library's message). Not thread-safe: use one session from one thread
+// at a time (the sample runs it on a worker thread); distinct sessions are independent.
+using System;
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace Timar
+{
+    public sealed class TimarException : Exception
+    {
+        public TimarStatus Status { get; }
+
+        public TimarException(TimarStatus status, string message) : base(message) { Status = status; }
+    }
+
+    /// <summary>Owns a timar_session*; released by Dispose or, as a last resort, the finalizer.</summary>
+    sealed class TimarSessionHandle : SafeHandle
+    {
+        public TimarSessionHandle() : base(IntPtr.Zero, true) { }
+        public TimarSessionHandle(IntPtr handle) : base(IntPtr.Zero, true) { SetHandle(handle); }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+
+        protected override bool ReleaseHandle()
+        {
+            TimarNative.timar_session_destroy(handle);
+            return true;
+        }
+    }
+
+    /// <summary>
+    /// Streams a conversation through a TIMAR bundle. Audio: mono float samples in [-1, 1] at
+    /// <see cref="SampleRate"/> (16 kHz). Motion: frames of 56 floats (FLAME expression 0..49,
+    /// jaw 50..52, neck 53..55, axis-angle radians), row-major in float arrays.
+    /// </summary>
+    public sealed unsafe class TimarSession : IDisposable
+    {
+        public const int MotionDim = TimarNative.MotionDim;
+
+        readonly TimarSessionHandle _handle;
+        readonly TimarInfo _static;
+
+        /// <summary>Open a bundle folder. Throws TimarException (Status Bundle for a missing
+        /// or modified bundle, InvalidArgument for bad options).</summary>
+        public TimarSession(string bundleDir, TimarOptions options)
+        {
+            if (bundleDir == null) throw new ArgumentNullException("bundleDir");
+            int abi = TimarNative.timar_abi_version();
+            if (abi != TimarNative.AbiVersion)
+                throw new TimarException(TimarStatus.Unsupported,
+                    "native timar library has ABI " + abi + ", these bindings need " + TimarNative.AbiVersion);
+            byte[] path = Encoding.UTF8.GetBytes(bundleDir + "\0");
+            IntPtr raw;
+            Check(TimarNative.timar_session_create(path, ref options, out raw));
+            _handle = new TimarSessionHandle(raw);
+            _static = Info;
+        }
+
+        public TimarSession(string bundleDir) : this(bundleDir, TimarOptions.Default) { }
+
+        public static string Version { get { return TimarNative.Utf8(TimarNative.timar_version()); } }
+        public static string BuildInfo { get { return TimarNative.Utf8(TimarNative.timar_build_info()); } }
+
+        public TimarInfo Info
+        {
+            get
+            {
+                var info = new TimarInfo { StructSize = (uint)Marshal.SizeOf(typeof(TimarInfo)) };
+                Check(TimarNative.timar_session_info(Handle, ref info));
+                return info;
+            }
+        }
+
+        public int FramesPerTurn { get { return _static.FramesPerTurn; } }
+        public int SamplesPerTurn { get { return _static.SamplesPerTurn; } }
+        public int SampleRate { get { return _static.SampleRate; } }
+        public int Fps { get { return _static.Fps; } }
+        public string BackendName { get { return TimarNative.Utf8(TimarNative.timar_session_backend_name(Handle)); } }
+
+        /// <summary>Back to a fresh session: empty cache and buffers, generator at its seed.</summary>
+        public void Reset() { Check(TimarNative.timar_session_reset(Handle)); }
+
+        /// <summary>Exactly one turn: SamplesPerTurn samples of each audio; userMotion null (face
+        /// not tracked) or FramesPerTurn * 56 floats. Returns FramesPerTurn * 56 floats.</summary>
+        public float[] Step(float[] userAudio, float[] userMotion, float[] agentAudio)
+        {
+            var output = new float[FramesPerTurn * MotionDim];
+            Step(userAudio, userMotion, agentAudio, output);
+            return output;
+        }
+
+        public void Step(float[] userAudio, float[] userMotion, float[] agentAudio, float[] output)
+        {
+            if (output == null) throw new ArgumentNullException("output");
+            int motionFrames = userMotion == null ? 0 : FramesOf(userMotion.Length, "userMotion");
+            fixed (float* ua = userAudio)
+            fixed (float* um = userMotion)
+            fixed (float* aa = agentAudio)
+            fixed (float* o = output)
+            {
+                Check(TimarNative.timar_step(Handle, ua, Len(userAudio), um, (UIntPtr)(uint)motionFrames, aa,
+                                             Len(agentAudio), o, (UIntPtr)(uint)(output.Length / MotionDim)));
+            }
+        }
+
+        /// <summary>How many frames Feed would return for pieces of these lengths.</summary>
+        public int FeedFrames(int userAudioSamples, int userMotionFrames, int agentAudioSamples)
+        {
+            UIntPtr frames;
+            Check(TimarNative.timar_feed_frames(Handle, (UIntPtr)(uint)userAudioSamples, (UIntPtr)(uint)userMotionFrames,
+                                                (UIntPtr)(uint)agentAudioSamples, out frames));
+            return (int)frames;
+        }
+
+        /// <summary>Streaming: pieces of any length (count 0 = nothing); returns the number of
+        /// frames written to output (whole turns completed by this call). Never feed motion for
+        /// an untracked user. output must hold FeedFrames(...) * 56 floats.</summary>
+        public int Feed(float[] userAudio, int userAudioOffset, int userAudioCount,
+                        float[] userMotion, int userMotionOffsetFrames, int userMotionFrames,
+                        float[] agentAudio, int agentAudioOffset, int agentAudioCount,
+                        float[] output, int outputOffsetFrames = 0)
+        {
+            CheckRange(userAudio, userAudioOffset, userAudioCount, 1, "userAudio");
+            CheckRange(agentAudio, agentAudioOffset, agentAudioCount, 1, "agentAudio");
+            CheckRange(userMotion, userMotionOffsetFrames, userMotionFrames, MotionDim, "userMotion");
+            if (output == null) throw new ArgumentNullException("output");
+            int capacity = output.Length / MotionDim - outputOffsetFrames;
+            if (outputOffsetFrames < 0 || capacity < 0) throw new ArgumentOutOfRangeException("outputOffsetFrames");
+            UIntPtr frames;
+            fixed (float* ua = userAudio)
+            fixed (float* um = userMotion)
+            fixed (float* aa = agentAudio)
+            fixed (float* o = output)
+            {
+                Check(TimarNative.timar_feed(Handle,
+                    userAudioCount > 0 ? ua + userAudioOffset : null, (UIntPtr)(uint)userAudioCount,
+                    userMotionFrames > 0 ? um + (long)userMotionOffsetFrames * MotionDim : null, (UIntPtr)(uint)userMotionFrames,
+                    agentAudioCount > 0 ? aa + agentAudioOffset : null, (UIntPtr)(uint)agentAudioCount,
+                    capacity > 0 ? o + (long)outputOffsetFrames * MotionDim : null, (UIntPtr)(uint)capacity, out frames));
+            }
+            return (int)frames;
+        }
+
+        /// <summary>Convenience: whole arrays (any may be null); returns the completed frames
+        /// (k * FramesPerTurn * 56 floats, possibly empty).</summary>
+        public float[] Feed(float[] userAudio, float[] userMotion, float[] agentAudio)
+        {
+            int ua = userAudio == null ? 0 : userAudio.Length, aa = agentAudio == null ? 0 : agentAudio.Length;
+            int um = userMotion == null ? 0 : FramesOf(userMotion.Length, "userMotion");
+            var output = new float[FeedFrames(ua, um, aa) * MotionDim];
+            int n = Feed(userAudio, 0, ua, userMotion, 0, um, agentAudio, 0, aa, output);
+            if (n * MotionDim != output.Length) Array.Resize(ref output, n * MotionDim);
+            return output;
+        }
+
+        /// <summary>Finish a trailing partial turn; returns the frames the real audio covers
+        /// (0..FramesPerTurn) written to output (capacity FramesPerTurn * 56 floats).</summary>
+        public int Flush(float[] output)
+        {
+            if (output == null) throw new ArgumentNullException("output");
+            UIntPtr frames;
+            fixed (float* o = output)
+            {
+                Check(TimarNative.timar_flush(Handle, o, (UIntPtr)(uint)(output.Length / MotionDim), out frames));
+            }
+            return (int)frames;
+        }
+
+        public float[] Flush()
+        {
+            var output = new float[FramesPerTurn * MotionDim];
+            int n = Flush(output);
+            Array.Resize(ref output, n * MotionDim);
+            return output;
+        }
+
+        /// <summary>Snapshot (cache, ring, generator, buffers) as an opaque blob.</summary>
+        public byte[] GetState()
+        {
+            UIntPtr size;
+            Check(TimarNative.timar_get_state(Handle, null, UIntPtr.Zero, out size));
+            var blob = new byte[(long)size];
+            fixed (byte* b = blob)
+            {
+                Check(TimarNative.timar_get_state(Handle, b, size, out size));
+            }
+            return blob;
+        }
+
+        public void SetState(byte[] blob)
+        {
+            if (blob == null) throw new ArgumentNullException("blob");
+            fixed (byte* b = blob)
+            {
+                Check(TimarNative.timar_set_state(Handle, b, (UIntPtr)(uint)blob.Length));
+            }
+        }
+
+        /// <summary>16-bit PCM to float in [-1, 1), as the runtime expects.</summary>
+        public static float[] Pcm16ToFloat(short[] pcm)
+        {
+            var output = new float[pcm.Length];
+            fixed (short* p = pcm)
+            fixed (float* o = output)
+            {
+                Check(TimarNative.timar_pcm16_to_float(p, (UIntPtr)(uint)pcm.Length, o));
+            }
+            return output;
+        }
+
+        public void Dispose()
+        {
+            _handle.Dispose();
+        }
+
+        // ---- helpers ---------------------------------------------------------------------
+        IntPtr Handle
+        {
+            get
+            {
+                if (_handle.IsClosed) throw new ObjectDisposedException("TimarSession");
+                return _handle.DangerousGetHandle();
+            }
+        }
+
+        static void Check(TimarStatus status)
+        {
+            if (status == TimarStatus.Ok) return;
+            string message = TimarNative.Utf8(TimarNative.timar_last_error());
+            throw new TimarException(status, status + ": " + message);
+        }
+
+        static UIntPtr Len(float[] a) { return (UIntPtr)(uint)(a == null ? 0 : a.Length); }
+
+        static int FramesOf(int floats, string name)
+        {
+            if (floats % MotionDim != 0)
+                throw new ArgumentException(name + ": length " + floats + " is not a multiple of " + MotionDim, name);
+            return floats / MotionDim;
+        }
+
+        static void CheckRange(float[] a, int offset, int count, int stride, string name)
+        {
+            if (count < 0 || offset < 0) throw new ArgumentOutOfRangeException(name);
+            if (count == 0) return;
+            if (a == null) throw new ArgumentNullException(name);
+            if ((long)(offset + count) * stride > a.Length)
+                throw new ArgumentOutOfRangeException(name, name + ": offset + count beyond the array");
+        }
+    }
+}

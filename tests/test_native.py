@@ -1,0 +1,230 @@
+"""The native runtime (runtime/): the C ABI tests, and the C++ runtime, the C# (Unity) bindings
+under Mono and the C++ example each give the Python Session's motion for the same conversation.
+
+Builds with scripts/build_native.sh (incremental: a no-op when runtime/build is up to date; set
+TIMAR_NATIVE_BUILD to use another build folder as it is). Skips, saying why, where cmake, npm
+(to fetch ONNX Runtime), nlohmann-json or mono are missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from timar_sdk import Session
+from timar_sdk.runtime.rng import PhiloxNormal
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / "timar_sdk" / "assets" / "default_bundle"
+ORT_ROOT = Path(os.environ.get("ONNXRUNTIME_ROOT", ROOT / "runtime" / "third_party" / "onnxruntime"))
+W = 8
+TURNS = 2 * W + 3
+SEED = 3
+TOL = 1e-3
+
+
+def _skip_without_toolchain() -> None:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed (apt-get install cmake g++): the native runtime is not built")
+    if not (ORT_ROOT / "lib").is_dir() and shutil.which("npm") is None:
+        pytest.skip("npm not installed and no ONNX Runtime SDK under runtime/third_party/onnxruntime "
+                    "(set ONNXRUNTIME_ROOT, or install npm so scripts/build_native.sh can fetch it)")
+    if not any(Path(d, "nlohmann", "json.hpp").is_file() for d in ("/usr/include", "/usr/local/include")):
+        pytest.skip("nlohmann-json not installed (apt-get install nlohmann-json3-dev)")
+
+
+def _build(asan: bool = False) -> Path:
+    if not asan and os.environ.get("TIMAR_NATIVE_BUILD"):
+        return Path(os.environ["TIMAR_NATIVE_BUILD"])
+    _skip_without_toolchain()
+    cmd = ["bash", str(ROOT / "scripts" / "build_native.sh")] + (["--asan"] if asan else [])
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return ROOT / "runtime" / ("build-asan" if asan else "build")
+
+
+@pytest.fixture(scope="session")
+def build() -> Path:
+    return _build()
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    """The shipped default bundle; without one, a tiny model with random (perturbed) weights."""
+    if (DEFAULT_BUNDLE / "manifest.json").is_file():
+        return DEFAULT_BUNDLE
+    torch = pytest.importorskip("torch", reason="no default bundle and no torch to export a test bundle")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_export import perturbed
+    from timar_sdk.export.onnx_export import export_bundle
+    from timar_sdk.model.config import preset
+    from timar_sdk.model.timar import Timar
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("native") / "bundle"
+    export_bundle(perturbed(Timar(preset("tiny")), seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bad_bundle(bundle, tmp_path_factory) -> Path:
+    """The bundle with one byte of denoiser.onnx changed: its sha256 no longer matches."""
+    path = tmp_path_factory.mktemp("native") / "bad_bundle"
+    shutil.copytree(bundle, path)
+    with open(path / "denoiser.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def conversation(tmp_path_factory):
+    """2W+3 turns and a half turn (so flush has work), written as raw float32 files."""
+    rng = np.random.default_rng(0)
+    n = TURNS * 16000 + 8000
+    ua = (rng.standard_normal(n) * 0.2).astype(np.float32)
+    aa = (rng.standard_normal(n) * 0.2).astype(np.float32)
+    um = (rng.standard_normal((TURNS * 25 + 12, 56)) * 0.3).astype(np.float32)
+    d = tmp_path_factory.mktemp("conversation")
+    for name, a in (("ua", ua), ("aa", aa), ("um", um)):
+        a.tofile(d / f"{name}.f32")
+    return {"ua": ua, "aa": aa, "um": um, "dir": d}
+
+
+_reference: dict = {}
+
+
+def python_motion(bundle, conv, cfg, with_motion, history=None):
+    """The Python Session's motion (onnxruntime backend): all whole turns fed, then flush."""
+    key = (str(bundle), cfg, with_motion, history)
+    if key not in _reference:
+        s = Session(bundle, backend="onnxruntime", seed=SEED, cfg=cfg, history=history)
+        fed = s.feed(user_audio=conv["ua"], user_motion=conv["um"] if with_motion else None, agent_audio=conv["aa"])
+        _reference[key] = np.concatenate([fed, s.flush()])
+    return _reference[key]
+
+
+def _run(cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+# ---- C ABI ----------------------------------------------------------------------------------
+def test_c_abi_generator_bad_input_state_feed(build, bundle, bad_bundle):
+    out = _run([build / "timar_test_c", bundle, bad_bundle])
+    assert out.strip().endswith(" 0 failed"), out
+
+
+@pytest.mark.parametrize("seed,counter", [(0, 0), (SEED, 350), (0x0123456789ABCDEF, (5 << 64) + (1 << 64) - 2)])
+def test_generator_equals_python(build, tmp_path, seed, counter):
+    n = 1400 * 3 + 3   # whole [25, 56] draws and a ragged tail
+    _run([build / "timar_conv", "--normals", n, "--seed", seed, "--counter-lo", counter & ((1 << 64) - 1),
+          "--counter-hi", counter >> 64, "--out", tmp_path / "z.f32"])
+    g = PhiloxNormal(seed)
+    g.set_state({"seed": seed, "counter": counter})
+    want = g.normal(n)
+    got = np.fromfile(tmp_path / "z.f32", np.float32)
+    assert np.array_equal(got, want), np.abs(got - want).max()
+
+
+# ---- C++ == Python --------------------------------------------------------------------------
+CASES = [(1.0, True, None), (1.0, False, None), (2.0, True, None), (2.0, False, None), (2.0, True, "feedback")]
+
+
+@pytest.mark.parametrize("cfg,with_motion,history", CASES)
+@pytest.mark.parametrize("mode", ["step", "feed"])
+def test_cpp_equals_python(build, bundle, conversation, tmp_path, cfg, with_motion, history, mode):
+    d = conversation["dir"]
+    cmd = [build / "timar_conv", "--bundle", bundle, "--user-audio", d / "ua.f32", "--agent-audio", d / "aa.f32",
+           "--seed", SEED, "--cfg", cfg, "--out", tmp_path / "m.f32"]
+    cmd += ["--user-motion", d / "um.f32"] if with_motion else []
+    cmd += ["--history", history] if history else []
+    cmd += ["--chunk", 3000, "--flush"] if mode == "feed" else []   # step mode: whole turns only
+    _run(cmd)
+    got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
+    want = python_motion(bundle, conversation, cfg, with_motion, history)
+    if mode == "step":
+        want = want[:TURNS * 25]
+    assert got.shape == want.shape
+    err = np.abs(got - want).max(axis=1)
+    assert err.max() < TOL, f"frame {int(err.argmax())} (turn {int(err.argmax()) // 25}) differs by {err.max():.2e}"
+
+
+# ---- C# (Unity bindings) under Mono ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def csharp_test(build, tmp_path_factory) -> Path:
+    if shutil.which("mcs") is None or shutil.which("mono") is None:
+        pytest.skip("mono not installed (apt-get install mono-mcs mono-runtime): C# bindings not tested")
+    exe = tmp_path_factory.mktemp("csharp") / "ConversationTest.exe"
+    sources = sorted((ROOT / "runtime" / "unity" / "Runtime").glob("*.cs"))
+    _run(["mcs", "-langversion:7", "-unsafe", "-warnaserror+", f"-out:{exe}", *sources,
+          ROOT / "runtime" / "tests" / "csharp" / "ConversationTest.cs"])
+    return exe
+
+
+@pytest.mark.parametrize("cfg,with_motion", [(1.0, True), (1.0, False), (2.0, True), (2.0, False)])
+def test_csharp_bindings_equal_python(build, csharp_test, bundle, conversation, tmp_path, cfg, with_motion):
+    d = conversation["dir"]
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{build}:{ORT_ROOT / 'lib'}"}
+    out = _run(["mono", csharp_test, bundle, d / "ua.f32", d / "aa.f32", d / "um.f32" if with_motion else "-",
+                SEED, cfg, 1024, tmp_path / "m.f32"], env=env)
+    assert " 0 failed" in out, out
+    got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
+    want = python_motion(bundle, conversation, cfg, with_motion)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < TOL
+
+
+# ---- the C++ example --------------------------------------------------------------------------
+def _write_wav(path: Path, audio: np.ndarray, pcm16: bool) -> None:
+    data = (np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes() if pcm16 else audio.astype("<f4").tobytes()
+    fmt, bits = (1, 16) if pcm16 else (3, 32)
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, fmt, 1, 16000,
+                         16000 * bits // 8, bits // 8, bits, b"data", len(data))
+    path.write_bytes(header + data)
+
+
+def test_example_wav_program(build, bundle, conversation, tmp_path):
+    exe = build / "examples" / "timar_wav"
+    if not exe.exists():
+        pytest.skip("examples/cpp not built (TIMAR_BUILD_EXAMPLES=OFF)")
+    n = 3 * 16000 + 4000
+    ua, aa, um = conversation["ua"][:n], conversation["aa"][:n], conversation["um"][:3 * 25 + 6]
+    _write_wav(tmp_path / "user.wav", ua, pcm16=True)
+    _write_wav(tmp_path / "agent.wav", aa, pcm16=False)
+    np.save(tmp_path / "user_motion.npy", um)
+    _run([exe, bundle, tmp_path / "user.wav", tmp_path / "agent.wav", tmp_path / "out.npy",
+          "--user-motion", tmp_path / "user_motion.npy", "--seed", SEED])
+    got = np.load(tmp_path / "out.npy")
+    user_pcm = (np.clip(ua, -1, 1 - 1 / 32768) * 32768).astype(np.int16)
+    s = Session(bundle, backend="onnxruntime", seed=SEED)
+    want = np.concatenate([s.feed(user_audio=user_pcm, user_motion=um, agent_audio=aa), s.flush()])
+    assert got.dtype == np.float32 and got.shape == want.shape == (3 * 25 + 6, 56)
+    assert np.abs(got - want).max() < TOL
+
+
+# ---- AddressSanitizer / LeakSanitizer -------------------------------------------------------
+def test_c_abi_under_address_sanitizer(bundle, bad_bundle):
+    """The C test built with -fsanitize=address runs clean. LeakSanitizer suppressions
+    (runtime/tests/lsan.supp) cover frames inside libonnxruntime only."""
+    if os.environ.get("TIMAR_SKIP_ASAN"):
+        pytest.skip("TIMAR_SKIP_ASAN is set")
+    build = _build(asan=True)
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
+           "LSAN_OPTIONS": f"suppressions={ROOT / 'runtime' / 'tests' / 'lsan.supp'}:print_suppressions=0"}
+    r = subprocess.run([str(build / "timar_test_c"), str(bundle), str(bad_bundle)], capture_output=True,
+                       text=True, env=env)
+    report = r.stdout[-3000:] + r.stderr[-6000:]
+    assert r.returncode == 0, report
+    assert "Sanitizer" not in r.stderr, report
+    assert r.stdout.strip().endswith(" 0 failed"), report
