@@ -120,6 +120,7 @@ class Session:
         tracked = self._motion_tracked or user_motion is not None
         if user_motion is not None:
             buf["user_motion"] = np.concatenate([buf["user_motion"], self._motion(user_motion, "user_motion")])
+
         def turn_ready() -> bool:
             return (len(buf["user_audio"]) >= self.samples and len(buf["agent_audio"]) >= self.samples
                     and (not tracked or len(buf["user_motion"]) >= self.frames))
