@@ -24,6 +24,12 @@ class TimarConfig:
     diff_width: int = 256
     diff_depth: int = 3
     diffusion_batch_mul: int = 4
+    # t = 0 term of the variational bound: "gaussian" (continuous; SDK models, whose normalised
+    # motion is not confined to [-1, 1]) or "discretized" (ADM's 8-bit likelihood, as the authors).
+    # The discretised one pushes the variance output far out of [-1, 1] on such data, and the
+    # respaced sampler then extrapolates the log-variance (see MODEL_CARD.md).
+    decoder_nll: str = "gaussian"
+    bounded_variance: bool = True  # tanh on the variance channels (see Denoiser); authors': False
     # audio encoder
     audio_encoder: str = "logmel"  # "logmel" (ships) | "wav2vec2" (local Hugging Face directory)
     wav2vec2_path: str | None = None
@@ -47,6 +53,7 @@ class TimarConfig:
             "attention": self.attention in ("band", "full"),
             "history": self.history in ("masked", "feedback"),
             "head": self.head in ("diffusion", "mlp"),
+            "decoder_nll": self.decoder_nll in ("gaussian", "discretized"),
             "audio_encoder": self.audio_encoder in ("logmel", "wav2vec2"),
             "heads": self.width % self.heads == 0,
             "context_turns": self.context_turns >= 1,

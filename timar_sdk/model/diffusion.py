@@ -61,10 +61,17 @@ class FinalLayer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """SimpleMLPAdaLN: (x_t [N, 56], t [N], z [N, cond_dim]) -> [N, 112] = x0 (56) + variance (56)."""
+    """SimpleMLPAdaLN: (x_t [N, 56], t [N], z [N, cond_dim]) -> [N, 112] = x0 (56) + variance (56).
 
-    def __init__(self, cond_dim: int, width: int, depth: int):
+    bounded_variance: pass the variance channels through tanh, so the learned-range fraction
+    (v + 1) / 2 stays in [0, 1]. SDK models use it: an unbounded v drifts far outside [-1, 1]
+    where the 1000-step range is narrow (small t), and the respaced sampler then extrapolates
+    the log-variance to huge values. The authors' head is unbounded (False).
+    """
+
+    def __init__(self, cond_dim: int, width: int, depth: int, bounded_variance: bool = False):
         super().__init__()
+        self.bounded_variance = bounded_variance
         self.input_proj = nn.Linear(MOTION_DIM, width)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
@@ -92,7 +99,10 @@ class Denoiser(nn.Module):
         y = self.time_embed(t) + self.cond_embed(z)
         for block in self.blocks:
             h = block(h, y)
-        return self.final(h, y)
+        out = self.final(h, y)
+        if self.bounded_variance:
+            out = torch.cat([out[:, :MOTION_DIM], torch.tanh(out[:, MOTION_DIM:])], dim=-1)
+        return out
 
 
 def grouped_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,6 +120,10 @@ def _approx_std_normal_cdf(x):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _gaussian_log_likelihood(x, mean, log_var):
+    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
 def _discretized_gaussian_log_likelihood(x, mean, log_scale):
     """ADM's decoder likelihood for data assumed in [-1, 1] with 256 bins."""
     centered = x - mean
@@ -125,10 +139,12 @@ def _discretized_gaussian_log_likelihood(x, mean, log_scale):
 class DiffusionHead(nn.Module):
     """The denoiser plus the 1000-step training process (cosine schedule, learned-range variance)."""
 
-    def __init__(self, cond_dim: int, width: int, depth: int, batch_mul: int = 4):
+    def __init__(self, cond_dim: int, width: int, depth: int, batch_mul: int = 4,
+                 decoder_nll: str = "gaussian", bounded_variance: bool = True):
         super().__init__()
-        self.net = Denoiser(cond_dim, width, depth)
+        self.net = Denoiser(cond_dim, width, depth, bounded_variance)
         self.batch_mul = batch_mul
+        self.decoder_nll = decoder_nll
         sched = make_schedule(cosine_alphas_cumprod(NUM_TRAIN_STEPS))
         for name in ("alphas_cumprod", "log_beta", "log_post_var", "coef_x0", "coef_xt"):
             self.register_buffer(name, torch.tensor(getattr(sched, name), dtype=torch.float32),
@@ -156,7 +172,10 @@ class DiffusionHead(nn.Module):
         true_mean = c0 * x0 + ct * x_t
         kl = _normal_kl(true_mean, self.log_post_var[t][:, None], model_mean, model_log_var)
         kl = kl.mean(-1) / math.log(2.0)
-        nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        if self.decoder_nll == "discretized":     # ADM's 8-bit image likelihood (the authors')
+            nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        else:   # normalised motion is continuous and not confined to [-1, 1]
+            nll = -_gaussian_log_likelihood(x0, model_mean, model_log_var)
         nll = nll.mean(-1) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
         return (mse + vb).reshape(self.batch_mul, n).mean(0)

@@ -84,6 +84,20 @@ def band_turn_index(turns: int, context_turns: int, attention: str = "band") -> 
     return torch.where(allowed, d, torch.full_like(d, context_turns))
 
 
+def frame_aligned_positions(frames: int, width: int) -> torch.Tensor:
+    """Initial in-turn positions [P, D]: the four frame groups share a sinusoidal code of the
+    frame index in half the channels, so "speech frame i <-> motion frame i" is easy to attend
+    from the start (the embedding stays learned; only its initialisation is structured)."""
+    pos = torch.zeros(4 * frames + 10, width)
+    half = width // 4
+    freqs = torch.exp(-torch.log(torch.tensor(50.0)) * torch.arange(half) / half)
+    f = torch.arange(frames, dtype=torch.float32)[:, None] * freqs[None]
+    code = torch.cat([torch.sin(f), torch.cos(f)], dim=1)                  # [F, D/2]
+    for start, end in turn_layout(frames).values():
+        pos[start:end, :2 * half] = code
+    return pos
+
+
 class Timar(nn.Module):
     def __init__(self, cfg: TimarConfig):
         super().__init__()
@@ -103,13 +117,14 @@ class Timar(nn.Module):
         self.absent_user_motion = nn.Parameter(torch.randn(dt) * 0.02)
         self.z_proj = nn.Linear(dt, d)
         self.mask_token = nn.Parameter(torch.randn(d) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(p, d) * 0.02)       # inside a turn
+        self.pos_embed = nn.Parameter(frame_aligned_positions(f, d) + torch.randn(p, d) * 0.02)
         self.z_proj_ln = nn.LayerNorm(d, eps=LN_EPS)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=LN_EPS)
         self.diffusion_pos_embed = nn.Parameter(torch.randn(p, d) * 0.02)
         if cfg.head == "diffusion":
-            self.head = DiffusionHead(d, cfg.diff_width, cfg.diff_depth, cfg.diffusion_batch_mul)
+            self.head = DiffusionHead(d, cfg.diff_width, cfg.diff_depth, cfg.diffusion_batch_mul,
+                                      cfg.decoder_nll, cfg.bounded_variance)
         else:
             self.head = MLPHead(d)
         # Motion normalisation (identity until set from training data; saved with the weights).
