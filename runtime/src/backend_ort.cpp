@@ -62,6 +62,9 @@ class OrtBackend final : public Backend {
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
     opts.SetInterOpNumThreads(1);
     if (cfg.threads > 0) opts.SetIntraOpNumThreads(cfg.threads);
+    // Three sessions run back to back each turn: spinning pool threads of one would steal the
+    // cores from the next (the Python runtime sets the same).
+    opts.AddConfigEntry("session.intra_op.allow_spinning", "0");
     if (kind_ == TIMAR_BACKEND_ORT_CUDA) {
       OrtCUDAProviderOptions cuda{};
       cuda.device_id = cfg.device_id;

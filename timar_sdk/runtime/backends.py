@@ -67,6 +67,9 @@ class OrtBackend(HostCacheBackend):
         opts.inter_op_num_threads = 1
         if threads:
             opts.intra_op_num_threads = threads
+        # Three sessions run one after another each turn: threads that keep spinning after one
+        # graph finishes would steal the cores from the next one.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for name in ("audio_encoder", "encoder_step", "denoiser"):
             path = bundle.graph_path(name)
