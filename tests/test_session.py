@@ -149,8 +149,9 @@ def test_bad_turn_between_good_ones_leaves_no_trace(bundle, case):
     arg = next(iter(BAD_TURNS[case]))
     with pytest.raises(ValueError, match=arg):
         s.step(**bad)
-    with pytest.raises(ValueError, match=arg):
-        s.feed(**bad)
+    if case not in ("short audio", "wrong frame count"):    # any length is fine for feed()
+        with pytest.raises(ValueError, match=arg):
+            s.feed(**bad)
     got.append(s.step(ua[1], um[1], aa[1]))
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
 
