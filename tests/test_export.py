@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from timar_sdk.export.onnx_export import example_inputs, export_bundle, ort_vs_torch
+from timar_sdk.export.onnx_export import export_bundle, ort_vs_torch
+from timar_sdk.model.graphs import example_inputs
 from timar_sdk.model.config import preset
 from timar_sdk.model.streaming import StreamingReference
 from timar_sdk.model.timar import Timar

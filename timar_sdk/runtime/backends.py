@@ -114,7 +114,7 @@ class TorchBackend(HostCacheBackend):
             import torch
         except ImportError:
             raise ValueError("backend: 'torch' needs PyTorch: pip install 'timar-sdk[train]'") from None
-        from timar_sdk.export.onnx_export import graph_modules
+        from timar_sdk.model.graphs import graph_modules
         from timar_sdk.model.checkpoint import load_model
 
         src = bundle.manifest.get("source_checkpoint", "")
@@ -140,7 +140,7 @@ class TorchBackend(HostCacheBackend):
         return self._run("audio_encoder", waveform)
 
     def encoder_step(self, inputs, cache):
-        from timar_sdk.export.onnx_export import STEP_INPUTS
+        from timar_sdk.model.graphs import STEP_INPUTS
         values = {**inputs, "past_key_values": cache}
         return self._run("encoder_step", *(values[k] for k in STEP_INPUTS))
 

@@ -1,0 +1,74 @@
+"""The modules behind the bundle's three graphs, with their input names and example inputs.
+
+Export traces them to ONNX; the torch backend runs them directly (so it needs torch, not onnx).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from timar_sdk.layout import MOTION_DIM
+from timar_sdk.model.timar import Timar
+
+STEP_INPUTS = ["user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
+               "uncond", "user_motion_absent", "past_key_values", "past_turn_age"]
+
+
+class AudioEncoderGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.encoder = model.audio_encoder
+
+    def forward(self, waveform):
+        return self.encoder(waveform)
+
+
+class EncoderStepGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_speech, user_motion, agent_speech, agent_motion, agent_mask, uncond,
+                user_motion_absent, past_key_values, past_turn_age):
+        return self.model.forward_step(user_speech, user_motion, agent_speech, agent_motion, agent_mask,
+                                       uncond, user_motion_absent, past_key_values, past_turn_age)
+
+
+class DenoiserGraph(nn.Module):
+    def __init__(self, model: Timar):
+        super().__init__()
+        self.net = model.head.net
+
+    def forward(self, x_t, t, z):
+        return self.net(x_t, t, z)
+
+
+def example_inputs(model: Timar, batch: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """Random inputs of every graph (used for tracing and by the parity tests)."""
+    c = model.cfg
+    f = c.frames_per_turn
+    audio_dim = model.speech_proj.in_features
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "audio_encoder": {"waveform": r(batch, c.samples_per_turn) * 0.1},
+        "encoder_step": {
+            "user_speech": r(batch, f, audio_dim), "user_motion": r(batch, f, MOTION_DIM),
+            "agent_speech": r(batch, f, audio_dim), "agent_motion": r(batch, f, MOTION_DIM),
+            "agent_mask": torch.ones(batch, f), "uncond": torch.zeros(batch),
+            "user_motion_absent": torch.zeros(batch),
+            "past_key_values": r(c.depth, 2, batch, c.heads, c.cache_tokens, c.head_dim),
+            "past_turn_age": torch.full((batch, c.cache_tokens), c.context_turns, dtype=torch.int64),
+        },
+        "denoiser": {"x_t": r(batch * f, MOTION_DIM), "t": torch.full((batch * f,), 500.0),
+                     "z": r(batch * f, c.width)},
+    }
+
+
+GRAPH_OUTPUTS = {"audio_encoder": ["speech_features"], "encoder_step": ["z", "present_key_values"],
+                 "denoiser": ["model_output"]}
+
+
+def graph_modules(model: Timar) -> dict[str, nn.Module]:
+    return {"audio_encoder": AudioEncoderGraph(model), "encoder_step": EncoderStepGraph(model),
+            "denoiser": DenoiserGraph(model)}
