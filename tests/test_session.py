@@ -220,3 +220,24 @@ def test_soak_2000_turns_keeps_memory_and_latency_flat(bundle):
     assert (rss[1] - rss[0]) / 1024 < 20, f"peak RSS grew {(rss[1] - rss[0]) / 1024:.1f} MB"
     early, late = np.median(times[50:250]), np.median(times[-200:])
     assert late < 3 * early, f"per-turn latency went from {early * 1e3:.1f} ms to {late * 1e3:.1f} ms"
+
+
+def test_feed_rolls_back_every_turn_when_a_later_one_fails(bundle):
+    ua, um, aa = conversation(3, seed=7)
+    clean = Session(bundle, backend="onnxruntime", seed=2)
+    want = clean.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1))
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    real, calls = s.backend.denoise, []
+
+    def failing(*args):                     # the second turn's third denoiser call fails
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    s.backend.denoise = failing
+    with pytest.raises(RuntimeError):
+        s.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1))
+    assert s.turns == 0
+    s.backend.denoise = real
+    assert np.array_equal(s.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1)), want)

@@ -121,15 +121,17 @@ class Session:
         if user_motion is not None:
             buf["user_motion"] = np.concatenate([buf["user_motion"], self._motion(user_motion, "user_motion")])
 
-        def turn_ready() -> bool:
-            return (len(buf["user_audio"]) >= self.samples and len(buf["agent_audio"]) >= self.samples
-                    and (not tracked or len(buf["user_motion"]) >= self.frames))
+        ready = min(len(buf["user_audio"]) // self.samples, len(buf["agent_audio"]) // self.samples)
+        if tracked:
+            ready = min(ready, len(buf["user_motion"]) // self.frames)
 
         out = []
-        # Commit turn by turn, but roll all of them back if a later one fails.
-        saved = self.get_state(include_buffers=False) if turn_ready() else None
+        # Commit turn by turn, but roll all of them back if a later one fails. A single turn
+        # fails before its commit, so the snapshot (a copy of the cache) is needed only for two
+        # or more: a 20 ms audio callback never pays for it.
+        saved = self.get_state(include_buffers=False) if ready >= 2 else None
         try:
-            while turn_ready():
+            for _ in range(ready):
                 um = buf["user_motion"][:self.frames] if tracked else None
                 motion, commit = self._turn(buf["user_audio"][:self.samples], um, buf["agent_audio"][:self.samples])
                 commit()
