@@ -23,6 +23,14 @@ ROWS = [("FD-EXP", "fd_exp"), ("FD-JAW x1e3", "fd_jaw"), ("FD-POSE x1e2", "fd_po
         ("rPCC-JAW x10", "rpcc_jaw")]
 
 
+def markdown_table(results: dict) -> str:
+    """{method: {"files": n, "published": metrics}} -> EVALUATION.md's table."""
+    lines = ["| method | files | " + " | ".join(r[0] for r in ROWS) + " |", "|" + "---|" * (len(ROWS) + 2)]
+    lines += [f"| {name} | {r['files']} | " + " | ".join(f"{r['published'][k]:.2f}" for _, k in ROWS) + " |"
+              for name, r in results.items()]
+    return "\n".join(lines)
+
+
 def write_baselines(test_dir: Path, out: Path, mean: np.ndarray, seed: int = 0) -> dict[str, Path]:
     """Mean motion, the partner's motion copied, and the ground truth shifted by a random turn."""
     rng = np.random.default_rng(seed)
@@ -62,11 +70,7 @@ def main() -> None:
         r = evaluate_dirs(d, test, workers=args.workers)
         results[name] = {"files": r["files"], "published": published_scale(r["metrics"])}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    header = "| method | files | " + " | ".join(r[0] for r in ROWS) + " |"
-    print(header)
-    print("|" + "---|" * (len(ROWS) + 2))
-    for name, r in results.items():
-        print(f"| {name} | {r['files']} | " + " | ".join(f"{r['published'][k]:.2f}" for _, k in ROWS) + " |")
+    print(markdown_table(results))
 
 
 if __name__ == "__main__":

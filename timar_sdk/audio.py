@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
@@ -14,7 +15,7 @@ import soxr
 
 from timar_sdk.layout import SAMPLE_RATE
 
-__all__ = ["load_audio", "to_float32"]
+__all__ = ["RunningNorm", "load_audio", "to_float32"]
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -63,3 +64,39 @@ def to_float32(audio: np.ndarray, name: str = "audio") -> np.ndarray:
     if not np.isfinite(out).all():
         raise ValueError(f"{name}: expected finite samples, found NaN or Inf")
     return out
+
+
+@dataclass(frozen=True)
+class RunningNorm:
+    """Zero-mean, unit-variance audio normalisation over everything heard so far in a stream.
+
+    The authors' wav2vec2 models were trained on audio normalised over the *whole file*
+    ((x - mean) / sqrt(var + 1e-7), the Hugging Face processor's rule). A stream cannot see the
+    file's end, so the runtime uses the statistics of all samples received so far, this turn's
+    included; they converge to the whole-file statistics as the conversation goes on
+    (docs/AUTHORS_CHECKPOINT.md measures the difference). Immutable: `update` returns a new one,
+    so a failed turn leaves the session's statistics untouched.
+    """
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    eps: float = 1e-7
+
+    def update(self, audio: np.ndarray) -> "RunningNorm":
+        a = audio.astype(np.float64)
+        return RunningNorm(self.count + a.size, self.total + float(a.sum()),
+                           self.total_sq + float(np.dot(a, a)), self.eps)
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        """float32 [samples] normalised with these statistics."""
+        mean = self.total / max(self.count, 1)
+        var = max(self.total_sq / max(self.count, 1) - mean * mean, 0.0)
+        return ((audio - mean) / np.sqrt(var + self.eps)).astype(np.float32)
+
+    def to_list(self) -> list[float]:
+        return [self.count, self.total, self.total_sq]
+
+    @classmethod
+    def from_list(cls, values, eps: float = 1e-7) -> "RunningNorm":
+        count, total, total_sq = values
+        return cls(int(count), float(total), float(total_sq), eps)

@@ -27,9 +27,12 @@ class _StageTimer:
 
     def __init__(self, backend):
         self.backend, self.current = backend, {}
+        # window_recompute bundles: token embedding + the window pass count as the encoder step.
         for method, stage in (("encode_audio", "audio_encoder"), ("encoder_step", "encoder_step"),
+                              ("embed_turn", "encoder_step"), ("encode_window", "encoder_step"),
                               ("denoise", "sampler")):
-            setattr(backend, method, self._wrap(getattr(backend, method), stage))
+            if hasattr(backend, method):
+                setattr(backend, method, self._wrap(getattr(backend, method), stage))
 
     def _wrap(self, fn, stage):
         def timed(*args, **kw):
@@ -41,8 +44,11 @@ class _StageTimer:
         return timed
 
 
-def bench_session(session: Session, turns: int = 50, warmup: int = 5, seed: int = 0) -> dict:
-    """Latency of `session.step` over `turns` turns of random audio and motion."""
+def bench_session(session: Session, turns: int = 50, warmup: int | None = None, seed: int = 0) -> dict:
+    """Latency of `session.step` over `turns` turns of random audio and motion, after `warmup`
+    turns (default: enough to fill the context window, so the numbers are the steady state)."""
+    if warmup is None:
+        warmup = max(5, session.bundle["context_turns"])
     rng = np.random.default_rng(seed)
     s, f = session.samples, session.frames
     timer = _StageTimer(session.backend)
@@ -100,14 +106,29 @@ def bench_torch_window_recompute(model, turns: int = 20, warmup: int = 3, seed: 
 
 
 def random_weight_bundle(preset_name: str, out_dir: Path):
-    """Export a randomly initialised model of a preset (for timing only) and return it."""
+    """Export a randomly initialised model of a preset (for timing only) and return it.
+    "timar_base"/"timar_large": the authors' structure (window recompute) with a randomly
+    initialised wav2vec2 of wav2vec2-large-960h-lv60-self's structure."""
     import torch
 
-    from timar_sdk.export.onnx_export import export_bundle
+    from timar_sdk.export.onnx_export import export_bundle, export_window_bundle
     from timar_sdk.model.config import preset
     from timar_sdk.model.timar import Timar
 
     torch.manual_seed(0)
+    if preset_name.startswith("timar_"):
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        from timar_sdk.model.authors import AUTHORS_PRESETS, WindowTimar, WindowTimarConfig
+        w2v = out_dir.parent / "wav2vec2-large-lv60-random"
+        Wav2Vec2Model(Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096, do_stable_layer_norm=True, feat_extract_norm="layer",
+                                     conv_bias=True)).save_pretrained(w2v)
+        width, depth, heads = AUTHORS_PRESETS[preset_name]
+        model = WindowTimar(WindowTimarConfig(preset=preset_name, width=width, depth=depth, heads=heads,
+                                              wav2vec2_path=str(w2v))).eval()
+        export_window_bundle(model, out_dir, source="random weights")
+        return None          # its own runtime already recomputes the window: no torch baseline
     model = Timar(preset(preset_name)).eval()
     export_bundle(model, out_dir, source="random weights")
     return model
@@ -133,17 +154,20 @@ def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=N
         else:
             if threads:
                 torch.set_num_threads(threads)
-            if model is None:
-                from timar_sdk.model.checkpoint import load_model
-                from timar_sdk.runtime.backends import resolve_checkpoint
-                path = resolve_checkpoint(session.bundle.manifest.get("source_checkpoint", ""), session.bundle.dir)
-                model = load_model(path) if path else None
-            if model is None:
-                result["torch_window_recompute"] = "skipped: the bundle's checkpoint is not available"
+            if session.window:
+                result["torch_window_recompute"] = "not applicable: this bundle recomputes the window itself"
             else:
-                rec = bench_torch_window_recompute(model, max(5, turns // 3), steps=session.steps)
-                result["torch_window_recompute"] = rec
-                result["speedup_vs_torch_window_recompute"] = rec["p50_ms"] / result["session"]["turn"]["p50_ms"]
+                if model is None:
+                    from timar_sdk.model.checkpoint import load_model
+                    from timar_sdk.runtime.backends import resolve_checkpoint
+                    path = resolve_checkpoint(session.bundle.manifest.get("source_checkpoint", ""), session.bundle.dir)
+                    model = load_model(path) if path else None
+                if model is None:
+                    result["torch_window_recompute"] = "skipped: the bundle's checkpoint is not available"
+                else:
+                    rec = bench_torch_window_recompute(model, max(5, turns // 3), steps=session.steps)
+                    result["torch_window_recompute"] = rec
+                    result["speedup_vs_torch_window_recompute"] = rec["p50_ms"] / result["session"]["turn"]["p50_ms"]
     if tmp:
         tmp.cleanup()
     return result

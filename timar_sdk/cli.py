@@ -43,16 +43,22 @@ def train_cmd(preset_name, out, **kw):
 
 @click.command("timar-export")
 @click.option("--ckpt", default=None, type=click.Path(dir_okay=False),
-              help="Checkpoint to export (default: the shipped tiny model).")
+              help="Checkpoint to export: a timar-sdk checkpoint (default: the shipped tiny model) or "
+                   "the authors' TIMAR.pth (detected; needs --wav2vec2).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(min=17))
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Batch size used for tracing (the batch axis stays dynamic).")
-def export_cmd(ckpt, out, opset, ema, batch):
-    """Export a checkpoint to a bundle: three ONNX graphs and manifest.json."""
+@click.option("--wav2vec2", "wav2vec2_dir", default=None, type=click.Path(),
+              help="Authors' checkpoints: local directory of facebook/wav2vec2-large-960h-lv60-self.")
+@click.option("--stats", default=None, type=click.Path(dir_okay=False),
+              help="Authors' checkpoints trained with --do_norm: their stats JSON (exp/jawpose/neck).")
+def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats):
+    """Export a checkpoint to a bundle: ONNX graphs and manifest.json."""
     try:
-        from timar_sdk.export.onnx_export import export_bundle
+        from timar_sdk.export.onnx_export import export_bundle, export_window_bundle
+        from timar_sdk.model import authors
         from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, load_model
     except ImportError as e:
         raise click.ClickException(f"timar-export needs the export extra: pip install 'timar-sdk[export]' ({e})")
@@ -60,12 +66,28 @@ def export_cmd(ckpt, out, opset, ema, batch):
     # The shipped checkpoint is recorded relative to the package, so the bundle stays portable.
     source = f"package:{path.name}" if path.resolve() == DEFAULT_CHECKPOINT else str(path.resolve())
     try:
-        model = load_model(path, ema=ema)
-        manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema)
+        raw = authors.read_authors_checkpoint(path)     # weights-only; also reads SDK checkpoints
+        if authors.is_authors_checkpoint(raw):
+            if wav2vec2_dir is None:
+                raise click.UsageError("this is an authors' TIMAR checkpoint: --wav2vec2 DIR is required, the "
+                                       "local directory of facebook/wav2vec2-large-960h-lv60-self (in your Hugging "
+                                       "Face cache: ~/.cache/huggingface/hub/models--facebook--wav2vec2-large-960h-"
+                                       "lv60-self/snapshots/<hash>)")
+            motion_stats = authors.read_motion_stats(stats) if stats else None
+            model = authors.load_authors_model(raw, str(Path(wav2vec2_dir).resolve()), ema=ema,
+                                               motion_stats=motion_stats)
+            manifest = export_window_bundle(model, out, opset=opset, source=source, ema=ema)
+        else:
+            del raw
+            if wav2vec2_dir or stats:
+                raise click.UsageError("--wav2vec2 and --stats are for the authors' checkpoints; this is a "
+                                       "timar-sdk checkpoint")
+            model = load_model(path, ema=ema)
+            manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     sizes = {g["file"]: (Path(out) / g["file"]).stat().st_size / 1e6 for g in manifest["graphs"].values()}
-    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+    click.echo(f"wrote {out} ({manifest['attention']}): " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
 
 
 def _read_user_motion(path: str):
@@ -138,8 +160,11 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
 @click.option("--bundle", default=None, type=click.Path(file_okay=False))
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]))
-@click.option("--preset", "preset_name", default=None, type=click.Choice(["tiny", "base", "large"]),
-              help="Benchmark a preset with random weights (needs --random-weights and the export extra).")
+@click.option("--preset", "preset_name", default=None,
+              type=click.Choice(["tiny", "base", "large", "timar_base", "timar_large"]),
+              help="Benchmark a preset with random weights (needs --random-weights and the export extra): the "
+                   "SDK's cached tiny/base/large, or the authors' window-recompute timar_base/timar_large "
+                   "(with a random wav2vec2-large-lv60; also needs the wav2vec2 extra).")
 @click.option("--random-weights", is_flag=True)
 @click.option("--turns", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=None, type=click.IntRange(min=1))

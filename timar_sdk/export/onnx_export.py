@@ -1,8 +1,13 @@
-"""Export a TIMAR model to the bundle of DESIGN.md section 3: three ONNX graphs and a manifest.
+"""Export a TIMAR model to the bundle of DESIGN.md section 3: ONNX graphs and a manifest.
 
+The SDK's own models ("cached" bundles):
 - audio_encoder.onnx  waveform [B, S] -> speech_features [B, F, Da]
 - encoder_step.onnx   one turn against a fixed-shape KV cache -> z [B, F, D], present KV
 - denoiser.onnx       x_t [N, 56], t [N], z [N, D] -> model_output [N, 112]
+
+The authors' checkpoints ("window_recompute" bundles, timar_sdk.model.authors): audio_encoder,
+token_embed (one turn -> tokens [B, P, D]), window_encoder (tokens [B, N, D] -> z [B, F, D]),
+denoiser.
 
 Opset 17 (LayerNormalization), constants folded, static shapes except the batch axis.
 """
@@ -23,7 +28,9 @@ import timar_sdk
 from timar_sdk.export.op_support import check_ops
 from timar_sdk.layout import (EXP, JAW, MOTION_DIM, MOTION_NAMES, NECK, SPECIAL_TOKENS,
                               special_token_positions, turn_layout)
-from timar_sdk.model.graphs import GRAPH_OUTPUTS, STEP_INPUTS, example_inputs, graph_modules
+from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
+                                    example_inputs, graph_modules, window_example_inputs,
+                                    window_graph_modules)
 from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest
 
@@ -68,9 +75,10 @@ def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onn
             for name, module in graph_modules(model.eval()).items()}
 
 
-def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool = True) -> dict:
-    c = model.cfg
-    lay = turn_layout(c.frames_per_turn)
+def _common_manifest(cfg, model_info: dict, source: str, ema: bool, motion_mean, motion_std,
+                     alphas_cumprod, graphs: dict) -> dict:
+    """The parts of a manifest that every kind of bundle has (DESIGN.md section 3)."""
+    lay = turn_layout(cfg.frames_per_turn)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": "timar-bundle",
@@ -78,30 +86,38 @@ def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_checkpoint": source,
         "source_weights": "ema" if ema else "model",
-        "model": {**c.to_dict(), "num_params": model.num_params()},
-        "attention": "cached",
-        "fps": c.fps, "sample_rate": c.sample_rate,
-        "frames_per_turn": c.frames_per_turn, "samples_per_turn": c.samples_per_turn,
+        "model": model_info,
+        "fps": cfg.fps, "sample_rate": cfg.sample_rate,
+        "frames_per_turn": cfg.frames_per_turn, "samples_per_turn": cfg.sample_rate * cfg.frames_per_turn // cfg.fps,
         "motion_dim": MOTION_DIM,
         "motion_layout": {"names": MOTION_NAMES, "exp": [EXP.start, EXP.stop],
                           "jaw": [JAW.start, JAW.stop], "neck": [NECK.start, NECK.stop]},
-        "turn_layout": {"tokens_per_turn": c.tokens_per_turn, "special_tokens": list(SPECIAL_TOKENS),
-                        "special_token_positions": special_token_positions(c.frames_per_turn),
+        "turn_layout": {"tokens_per_turn": cfg.tokens_per_turn, "special_tokens": list(SPECIAL_TOKENS),
+                        "special_token_positions": special_token_positions(cfg.frames_per_turn),
                         **{k: list(v) for k, v in lay.items()}},
-        "context_turns": c.context_turns,
+        "context_turns": cfg.context_turns,
+        "motion_mean": motion_mean.tolist(), "motion_std": motion_std.tolist(),
+        "diffusion": {"num_train_steps": len(alphas_cumprod), "prediction": "x0",
+                      "variance": "learned_range", "schedule": "cosine",
+                      "alphas_cumprod": alphas_cumprod.double().tolist()},
+        "generator": GENERATOR,
+        "graphs": graphs,
+        "engines": [],
+    }
+
+
+def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool = True) -> dict:
+    c = model.cfg
+    return {
+        **_common_manifest(c, {**c.to_dict(), "num_params": model.num_params()}, source, ema,
+                           model.motion_mean, model.motion_std, model.head.alphas_cumprod, graphs),
+        "attention": "cached",
         "history": c.history,
         "cache": {"layers": c.depth, "heads": c.heads, "head_dim": c.head_dim,
                   "slots": c.context_turns - 1, "tokens_per_slot": c.tokens_per_turn,
                   "empty_age": c.context_turns,
                   "past_key_values_shape": [c.depth, 2, "batch", c.heads, c.cache_tokens, c.head_dim]},
-        "motion_mean": model.motion_mean.tolist(), "motion_std": model.motion_std.tolist(),
-        "diffusion": {"num_train_steps": len(model.head.alphas_cumprod), "prediction": "x0",
-                      "variance": "learned_range", "schedule": "cosine",
-                      "alphas_cumprod": model.head.alphas_cumprod.double().tolist()},
         "sampling": {"steps": c.steps, "temperature": c.temperature, "cfg": c.cfg},
-        "generator": GENERATOR,
-        "graphs": graphs,
-        "engines": [],
     }
 
 
@@ -116,24 +132,62 @@ def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
     model = model.eval().cpu()
+    return _write_bundle(out_dir, trace_graphs(model, batch, opset),
+                         lambda graphs: build_manifest(model, graphs, source, ema))
+
+
+def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_manifest) -> dict:
+    """Save the graphs, check their ops, write the manifest; the folder appears whole or not at all."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     graphs = {}
-    for name, proto in trace_graphs(model, batch, opset).items():
+    for name, proto in protos.items():
         path = tmp / f"{name}.onnx"
         onnx.save(proto, str(path))
         check_ops(path)
         ins, outs = _io_spec(proto)
         graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
-    manifest = build_manifest(model, graphs, source, ema)
+    manifest = make_manifest(graphs)
     validate_manifest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out.exists():
         shutil.rmtree(out)
-    tmp.rename(out)            # the bundle appears whole or not at all
+    tmp.rename(out)
     return manifest
+
+
+def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: str = "",
+                         ema: bool = True) -> dict:
+    """Write a window-recompute bundle for an authors' model (timar_sdk.model.authors.WindowTimar):
+    audio_encoder (wav2vec2 + interpolation), token_embed (one turn's tokens), window_encoder
+    (the whole window, 1..W turns, dynamic token axis), denoiser; manifest attention
+    'window_recompute'."""
+    if opset < 17:
+        raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
+    model = model.eval().cpu()
+    c = model.cfg
+    inputs = window_example_inputs(model)
+    axes = {"audio_encoder": _dynamic_axes("audio_encoder"), "denoiser": _dynamic_axes("denoiser"),
+            "token_embed": {**{n: {0: "batch"} for n in TOKEN_INPUTS}, "tokens": {0: "batch"}},
+            "window_encoder": {"tokens": {0: "batch", 1: "window_tokens"}, "z": {0: "batch"}}}
+    protos = {name: trace_graph(module, inputs[name], WINDOW_GRAPH_OUTPUTS[name], axes[name], opset)
+              for name, module in window_graph_modules(model).items()}
+
+    def manifest(graphs):
+        info = {**c.to_dict(), "family": "authors-encoder-only", "attention": "turn_causal",
+                "num_params": model.num_params()}
+        return {
+            **_common_manifest(c, info, source, ema, model.motion_mean, model.motion_std,
+                               model.head.alphas_cumprod, graphs),
+            "attention": "window_recompute",
+            "history": "masked",
+            "window": {"tokens_per_turn": c.tokens_per_turn, "max_turns": c.context_turns, "token_dim": c.width},
+            "audio_normalization": {"mode": "running", "eps": 1e-7},
+            "sampling": {"steps": c.steps, "temperature": 1.0, "cfg": 1.0},
+        }
+    return _write_bundle(out_dir, protos, manifest)
 
 
 def ort_vs_torch(bundle_dir: str | Path, model: Timar, name: str,

@@ -278,6 +278,9 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: missing (expected a bundle written by timar-export)")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("attention") == "window_recompute":
+        raise ValueError(f"{manifest_path}: a window_recompute bundle (an authors' checkpoint); TensorRT "
+                         f"engines are built for cached bundles only (run this one with ONNX Runtime)")
     if workspace_gb <= 0:
         raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
     names = list(graphs) if graphs is not None else list(manifest["graphs"])

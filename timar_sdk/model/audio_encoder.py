@@ -79,20 +79,25 @@ class Wav2Vec2Encoder(nn.Module):
 
     def __init__(self, path: str | None, frames_per_turn: int):
         super().__init__()
-        if not path or not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"wav2vec2_path: expected a local Hugging Face wav2vec2 directory with config.json "
-                f"(for example facebook/wav2vec2-large-960h-lv60-self from your Hugging Face cache, "
-                f"~/.cache/huggingface/hub/models--facebook--wav2vec2-large-960h-lv60-self/snapshots/<hash>), "
-                f"got {path!r}")
+        self.check_path(path)
         try:
             from transformers import Wav2Vec2Model
         except ImportError as e:
             raise ImportError("audio_encoder='wav2vec2' needs the transformers package: "
-                              "pip install transformers") from e
+                              "pip install 'timar-sdk[wav2vec2]'") from e
         self.model = Wav2Vec2Model.from_pretrained(path)
         self.frames = frames_per_turn
         self.out_dim = self.model.config.hidden_size
+
+    @staticmethod
+    def check_path(path: str | None) -> None:
+        if not path or not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"wav2vec2: expected a local Hugging Face wav2vec2 directory with config.json "
+                f"(timar-export --wav2vec2 DIR; the authors' models use facebook/wav2vec2-large-960h-lv60-self, "
+                f"which your Hugging Face cache keeps at "
+                f"~/.cache/huggingface/hub/models--facebook--wav2vec2-large-960h-lv60-self/snapshots/<hash>), "
+                f"got {path!r}")
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         feats = self.model.feature_extractor(wav)                       # [N, C, T']

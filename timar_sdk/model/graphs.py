@@ -72,3 +72,49 @@ GRAPH_OUTPUTS = {"audio_encoder": ["speech_features"], "encoder_step": ["z", "pr
 def graph_modules(model: Timar) -> dict[str, nn.Module]:
     return {"audio_encoder": AudioEncoderGraph(model), "encoder_step": EncoderStepGraph(model),
             "denoiser": DenoiserGraph(model)}
+
+
+# ---- window-recompute models (the authors' checkpoints, timar_sdk.model.authors) -------------
+TOKEN_INPUTS = ["user_speech", "user_motion", "agent_speech", "uncond"]
+WINDOW_GRAPH_OUTPUTS = {"audio_encoder": ["speech_features"], "token_embed": ["tokens"],
+                        "window_encoder": ["z"], "denoiser": ["model_output"]}
+
+
+class TokenEmbedGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, user_speech, user_motion, agent_speech, uncond):
+        return self.model.embed_turn(user_speech, user_motion, agent_speech, uncond)
+
+
+class WindowEncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model.forward_window(tokens)
+
+
+def window_graph_modules(model) -> dict[str, nn.Module]:
+    return {"audio_encoder": AudioEncoderGraph(model), "token_embed": TokenEmbedGraph(model),
+            "window_encoder": WindowEncoderGraph(model), "denoiser": DenoiserGraph(model)}
+
+
+def window_example_inputs(model, batch: int = 1, turns: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Random inputs of every window-mode graph (tracing, parity tests); `turns` in the window."""
+    c = model.cfg
+    f = c.frames_per_turn
+    turns = c.context_turns if turns is None else turns
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "audio_encoder": {"waveform": r(batch, c.sample_rate) * 0.1},
+        "token_embed": {"user_speech": r(batch, f, c.speech_dim), "user_motion": r(batch, f, MOTION_DIM),
+                        "agent_speech": r(batch, f, c.speech_dim), "uncond": torch.zeros(batch)},
+        "window_encoder": {"tokens": r(batch, turns * c.tokens_per_turn, c.width)},
+        "denoiser": {"x_t": r(batch * f, MOTION_DIM), "t": torch.full((batch * f,), 500.0),
+                     "z": r(batch * f, c.width)},
+    }

@@ -38,12 +38,18 @@ class Attention(nn.Module):
         masked = torch.full_like(self.turn_bias[:, :1], MASK_BIAS)
         return torch.cat([self.turn_bias, masked], dim=1)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv: torch.Tensor | None = None):
-        """x [B, N, D]; bias broadcastable to [B, H, N, M + N]; past_kv [2, B, H, M, hd] or None.
-        Returns the output [B, N, D] and this call's keys/values [2, B, H, N, hd]."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv: torch.Tensor | None = None,
+                keep: slice | None = None):
+        """x [B, N, D]; bias broadcastable to [B, H, N, M + N]; past_kv [2, B, H, M, hd] or None;
+        keep: the query tokens whose outputs are wanted (all when None; keys and values always
+        come from all N). Returns the output [B, N or kept, D] and this call's keys/values
+        [2, B, H, N, hd]."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         present = torch.stack([k, v])
+        if keep is not None:
+            q = q[:, :, keep]
+            n = q.shape[2]
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -64,9 +70,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(hidden, cfg.width), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, bias, past_kv=None):
-        h, present = self.attn(self.norm1(x), bias, past_kv)
-        x = x + h
+    def forward(self, x, bias, past_kv=None, keep: slice | None = None):
+        h, present = self.attn(self.norm1(x), bias, past_kv, keep)
+        x = (x if keep is None else x[:, keep]) + h
         return x + self.mlp(self.norm2(x)), present
 
 
@@ -222,12 +228,16 @@ class Timar(nn.Module):
                              agent_motion[:, None], agent_mask[:, None], uncond, user_absent[:, None])
         ages = torch.cat([past_turn_age, torch.zeros_like(past_turn_age[:, :p])], dim=1)
         ages = ages.clamp(0, self.cfg.context_turns)
+        start, end = self._agent
         presents = []
         for layer, block in enumerate(self.blocks):
             bias = block.attn.bias_table()[:, ages].transpose(0, 1)[:, :, None]   # [B, H, 1, M+P]
-            x, present = block(x, bias, past_key_values[layer])
+            # Only the agent-motion tokens' outputs are read after the last layer, so its queries,
+            # projection and MLP run for those F tokens alone (its keys/values still cover all P).
+            last = layer == len(self.blocks) - 1
+            x, present = block(x, bias, past_key_values[layer], slice(start, end) if last else None)
             presents.append(present)
-        return self._agent_outputs(x, 1)[:, 0], torch.stack(presents)
+        return self.norm(x) + self.diffusion_pos_embed[start:end], torch.stack(presents)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

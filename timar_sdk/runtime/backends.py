@@ -71,16 +71,17 @@ class OrtBackend(HostCacheBackend):
         # graph finishes would steal the cores from the next one.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
-        for name in ("audio_encoder", "encoder_step", "denoiser"):
+        for name in bundle["graphs"]:
             path = bundle.graph_path(name)
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
-        self.providers = self.sessions["encoder_step"].get_providers()
+        self.providers = self.sessions["denoiser"].get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self._init_cache(bundle)
-        self._step_outputs = [o.name for o in self.sessions["encoder_step"].get_outputs()]
+        if "encoder_step" in self.sessions:
+            self._init_cache(bundle)
+            self._step_outputs = [o.name for o in self.sessions["encoder_step"].get_outputs()]
 
     def encode_audio(self, waveform: np.ndarray) -> np.ndarray:
         return self.sessions["audio_encoder"].run(None, {"waveform": waveform})[0]
@@ -99,6 +100,14 @@ class OrtBackend(HostCacheBackend):
         z, present = binding.copy_outputs_to_cpu()
         return z, present
 
+    def embed_turn(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """window_recompute bundles: one turn's tokens [rows, P, D]."""
+        return self.sessions["token_embed"].run(None, inputs)[0]
+
+    def encode_window(self, tokens: np.ndarray) -> np.ndarray:
+        """window_recompute bundles: tokens [rows, N, D] -> z [rows, F, D] of the last turn."""
+        return self.sessions["window_encoder"].run(None, {"tokens": tokens})[0]
+
     def denoise(self, x: np.ndarray, t: np.ndarray, z: np.ndarray) -> np.ndarray:
         return self.sessions["denoiser"].run(None, {"x_t": x, "t": t, "z": z})[0]
 
@@ -114,9 +123,6 @@ class TorchBackend(HostCacheBackend):
             import torch
         except ImportError:
             raise ValueError("backend: 'torch' needs PyTorch: pip install 'timar-sdk[train]'") from None
-        from timar_sdk.model.graphs import graph_modules
-        from timar_sdk.model.checkpoint import load_model
-
         src = bundle.manifest.get("source_checkpoint", "")
         path = resolve_checkpoint(src, bundle.dir)
         if path is None:
@@ -125,11 +131,20 @@ class TorchBackend(HostCacheBackend):
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        model = load_model(path, ema=bundle.manifest.get("source_weights", "ema") == "ema")
-        self.graphs = graph_modules(model)
+        ema = bundle.manifest.get("source_weights", "ema") == "ema"
+        if bundle["attention"] == "window_recompute":
+            from timar_sdk.model.authors import load_authors_model
+            from timar_sdk.model.graphs import window_graph_modules
+            stats = (bundle.motion_mean, bundle.motion_std) if bundle["model"].get("do_norm") else None
+            model = load_authors_model(path, bundle["model"].get("wav2vec2_path"), ema=ema, motion_stats=stats)
+            self.graphs = window_graph_modules(model)
+        else:
+            from timar_sdk.model.checkpoint import load_model
+            from timar_sdk.model.graphs import graph_modules
+            self.graphs = graph_modules(load_model(path, ema=ema))
+            self._init_cache(bundle)
         self.providers = ["torch-cpu"]
         self.device = "cpu"
-        self._init_cache(bundle)
 
     def _run(self, name: str, *arrays):
         with self.torch.no_grad():
@@ -143,6 +158,13 @@ class TorchBackend(HostCacheBackend):
         from timar_sdk.model.graphs import STEP_INPUTS
         values = {**inputs, "past_key_values": cache}
         return self._run("encoder_step", *(values[k] for k in STEP_INPUTS))
+
+    def embed_turn(self, inputs):
+        from timar_sdk.model.graphs import TOKEN_INPUTS
+        return self._run("token_embed", *(inputs[k] for k in TOKEN_INPUTS))
+
+    def encode_window(self, tokens):
+        return self._run("window_encoder", tokens)
 
     def denoise(self, x, t, z):
         return self._run("denoiser", x, t, z)
@@ -168,6 +190,9 @@ def make_backend(name: str, bundle: Bundle, threads: int | None = None):
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "torch":
         return TorchBackend(bundle, threads)
+    if name == "tensorrt" and bundle["attention"] != "cached":
+        raise ValueError("backend: 'tensorrt' runs cached bundles only; this window_recompute bundle "
+                         "(an authors' checkpoint) runs with 'onnxruntime' or 'torch'")
     if name == "tensorrt" or (name == "auto" and bundle["engines"]):
         try:
             from timar_sdk.runtime.tensorrt_backend import TensorRTBackend

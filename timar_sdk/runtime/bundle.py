@@ -76,6 +76,12 @@ class Bundle:
             raise BundleError(f"{path}: sha256 does not match manifest.json ({what}); the file is "
                               f"truncated, modified or from another export")
 
+    @property
+    def id(self) -> str:
+        """Identifies the bundle's graphs (a hash of their hashes): snapshots name it."""
+        joined = ",".join(f"{k}={g['sha256']}" for k, g in sorted(self.manifest["graphs"].items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
     def graph_path(self, name: str) -> Path:
         return self.dir / self.manifest["graphs"][name]["file"]
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from timar_sdk.audio import to_float32
+from timar_sdk.audio import RunningNorm, to_float32
 from timar_sdk.layout import MOTION_DIM, MOTION_NAMES
 from timar_sdk.runtime.backends import make_backend
 from timar_sdk.runtime.bundle import Bundle, BundleError
@@ -46,8 +46,9 @@ class Session:
         if m["generator"]["name"] != PhiloxNormal.NAME:
             raise BundleError(f"manifest.json: generator {m['generator']['name']!r} is not implemented "
                               f"here (this runtime has {PhiloxNormal.NAME!r})")
-        if m["attention"] != "cached":
-            raise BundleError(f"manifest.json: attention {m['attention']!r} is not supported by this runtime")
+        # "cached": past turns live as keys/values (the SDK's models). "window_recompute": past
+        # turns live as token embeddings and the whole window runs each turn (the authors' models).
+        self.window = m["attention"] == "window_recompute"
         defaults = m["sampling"]
         self.steps = int(defaults["steps"] if steps is None else steps)
         self.temperature = float(defaults["temperature"] if temperature is None else temperature)
@@ -55,6 +56,9 @@ class Session:
         self.history = m["history"] if history is None else history
         if self.history not in ("masked", "feedback"):
             raise TimarInputError(f"history: expected 'masked' or 'feedback', got {history!r}")
+        if self.window and self.history != "masked":
+            raise TimarInputError("history: window_recompute bundles (the authors' models) support only "
+                                  "'masked' (their --mask_history_agent)")
         if not self.temperature >= 0:
             raise TimarInputError(f"temperature: expected a number >= 0, got {temperature!r}")
         if not np.isfinite(self.cfg):
@@ -86,7 +90,11 @@ class Session:
         """Back to a fresh session: empty cache and buffers, generator at its seed."""
         m = self.bundle.manifest
         self._ring = TurnRing.empty(m["context_turns"], m["turn_layout"]["tokens_per_turn"], self._context)
-        self._cache = self.backend.new_cache(self.rows)
+        if self.window:
+            self._tokens: tuple[np.ndarray, ...] = ()      # past turns' tokens [P, D], oldest first
+            self._audio_norm = (RunningNorm(), RunningNorm())   # user, agent
+        else:
+            self._cache = self.backend.new_cache(self.rows)
         self._noise = PhiloxNormal(self.seed)
         self._buf = {"user_audio": np.zeros(0, np.float32), "agent_audio": np.zeros(0, np.float32),
                      "user_motion": np.zeros((0, MOTION_DIM), np.float32)}
@@ -164,10 +172,15 @@ class Session:
         return motion[:n_frames]
 
     def get_state(self, include_buffers: bool = True) -> dict:
-        """A snapshot (cache, ring ages, generator counter, buffers) to fork or restore later."""
-        state = {"bundle": self.bundle.graph("encoder_step")["sha256"], "rows": self.rows,
-                 "cache": self.backend.cache_to_numpy(self._cache), "slot_age": list(self._ring.slot_age),
+        """A snapshot (cache or token window, ring ages, generator counter, buffers) to fork or
+        restore later."""
+        state = {"bundle": self.bundle.id, "rows": self.rows, "slot_age": list(self._ring.slot_age),
                  "noise": self._noise.get_state(), "turns": self.turns}
+        if self.window:
+            state["tokens"] = [t.copy() for t in self._tokens]
+            state["audio_norm"] = [n.to_list() for n in self._audio_norm]
+        else:
+            state["cache"] = self.backend.cache_to_numpy(self._cache)
         if include_buffers:
             state["buffers"] = {k: v.copy() for k, v in self._buf.items()}
             state["motion_tracked"] = self._motion_tracked
@@ -175,13 +188,17 @@ class Session:
 
     def set_state(self, state: dict, include_buffers: bool = True) -> None:
         """Restore a snapshot taken by get_state on a session of the same bundle and settings."""
-        if not isinstance(state, dict) or state.get("bundle") != self.bundle.graph("encoder_step")["sha256"]:
+        if not isinstance(state, dict) or state.get("bundle") != self.bundle.id:
             raise TimarInputError("state: expected a get_state() snapshot of a session on this bundle")
-        cache = np.asarray(state["cache"])
-        if list(cache.shape) != list(self.backend.cache_to_numpy(self._cache).shape):
-            raise TimarInputError(f"state: cache shape {list(cache.shape)} does not match this session's "
-                                  "(same bundle, but another cfg setting?)")
-        self._cache = self.backend.cache_from_numpy(cache)
+        if self.window:
+            self._tokens = tuple(np.array(t, np.float32, copy=True) for t in state["tokens"])
+            self._audio_norm = tuple(RunningNorm.from_list(v) for v in state["audio_norm"])
+        else:
+            cache = np.asarray(state["cache"])
+            if list(cache.shape) != list(self.backend.cache_to_numpy(self._cache).shape):
+                raise TimarInputError(f"state: cache shape {list(cache.shape)} does not match this session's "
+                                      "(same bundle, but another cfg setting?)")
+            self._cache = self.backend.cache_from_numpy(cache)
         self._ring = TurnRing(self._ring.context_turns, self._ring.tokens_per_turn,
                               tuple(state["slot_age"]), self._context)
         self._noise = PhiloxNormal(self.seed)
@@ -195,15 +212,31 @@ class Session:
     def _turn(self, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray):
         """Run one turn without changing the session; returns (motion, commit)."""
         f, r = self.frames, self.rows
-        feats = self.backend.encode_audio(np.stack([ua, aa]))
+        # A user whose face is not tracked reads as the neutral face (all-zero FLAME parameters);
+        # the SDK's models also get the "absent" flag, which replaces those tokens.
+        user_motion = ((np.zeros((f, MOTION_DIM), np.float32) if um is None else um) - self._mean) / self._std
         rep = lambda a: np.repeat(a[None], r, axis=0)  # noqa: E731
-        user_motion = np.zeros((f, MOTION_DIM), np.float32) if um is None else (um - self._mean) / self._std
-        inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion.astype(np.float32)),
-                  "agent_speech": rep(feats[1]), "agent_motion": np.zeros((r, f, MOTION_DIM), np.float32),
-                  "agent_mask": np.ones((r, f), np.float32), "uncond": np.array([0.0, 1.0][:r], np.float32),
-                  "user_motion_absent": np.full(r, 1.0 if um is None else 0.0, np.float32),
-                  "past_turn_age": self._ring.token_ages(r)}
-        z, present = self.backend.encoder_step(inputs, self._cache)
+        uncond = np.array([0.0, 1.0][:r], np.float32)
+        if self.window:
+            norms = (self._audio_norm[0].update(ua), self._audio_norm[1].update(aa))
+            feats = self.backend.encode_audio(np.stack([norms[0].apply(ua), norms[1].apply(aa)]))
+            tokens = self.backend.embed_turn({"user_speech": rep(feats[0]), "agent_speech": rep(feats[1]),
+                                              "user_motion": rep(user_motion.astype(np.float32)), "uncond": uncond})
+            visible = self._ring.visible_turns            # context experiment: fewer past turns
+            n_past = len(self._tokens) if visible is None else min(visible, len(self._tokens))
+            window = tokens
+            if n_past:                                      # past turns (conditional row) + this turn
+                past = np.concatenate(self._tokens[len(self._tokens) - n_past:])
+                window = np.concatenate([np.repeat(past[None], r, axis=0), tokens], axis=1)
+            z = self.backend.encode_window(window)
+        else:
+            feats = self.backend.encode_audio(np.stack([ua, aa]))
+            inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion.astype(np.float32)),
+                      "agent_speech": rep(feats[1]), "agent_motion": np.zeros((r, f, MOTION_DIM), np.float32),
+                      "agent_mask": np.ones((r, f), np.float32), "uncond": uncond,
+                      "user_motion_absent": np.full(r, 1.0 if um is None else 0.0, np.float32),
+                      "past_turn_age": self._ring.token_ages(r)}
+            z, present = self.backend.encoder_step(inputs, self._cache)
         noise = PhiloxNormal(self.seed)
         noise.set_state(self._noise.get_state())
         x = sample_turn(self.backend.denoise, z.reshape(-1, z.shape[-1]), noise, self.schedule,
@@ -215,9 +248,14 @@ class Session:
         motion = (x * self._std + self._mean).astype(np.float32)
 
         def commit():
-            slot = self._ring.next_slot()
-            if slot >= 0:
-                self._cache = self.backend.commit(self._cache, present, slot)
+            if self.window:
+                keep = self._ring.context_turns - 1
+                self._tokens = (self._tokens + (tokens[0],))[-keep:] if keep else ()
+                self._audio_norm = norms
+            else:
+                slot = self._ring.next_slot()
+                if slot >= 0:
+                    self._cache = self.backend.commit(self._cache, present, slot)
             self._ring = self._ring.advance()
             self._noise = noise
             self.turns += 1
