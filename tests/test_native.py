@@ -1,5 +1,7 @@
 """The native runtime (runtime/): the C ABI tests, and the C++ runtime, the C# (Unity) bindings
-under Mono and the C++ example each give the Python Session's motion for the same conversation.
+under Mono and the C++ example each give the Python Session's motion for the same conversation;
+the C++ runtime also on a window_recompute bundle (the authors' models: token window + running
+audio normalisation).
 
 Builds with scripts/build_native.sh (incremental: a no-op when runtime/build is up to date; set
 TIMAR_NATIVE_BUILD to use another build folder as it is). Skips, saying why, where cmake, npm
@@ -7,6 +9,7 @@ TIMAR_NATIVE_BUILD to use another build folder as it is). Skips, saying why, whe
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -105,7 +108,7 @@ _reference: dict = {}
 
 def python_motion(bundle, conv, cfg, with_motion, history=None):
     """The Python Session's motion (onnxruntime backend): all whole turns fed, then flush."""
-    key = (str(bundle), cfg, with_motion, history)
+    key = (str(bundle), str(conv["dir"]), cfg, with_motion, history)
     if key not in _reference:
         s = Session(bundle, backend="onnxruntime", seed=SEED, cfg=cfg, history=history)
         fed = s.feed(user_audio=conv["ua"], user_motion=conv["um"] if with_motion else None, agent_audio=conv["aa"])
@@ -160,6 +163,91 @@ def test_cpp_equals_python(build, bundle, conversation, tmp_path, cfg, with_moti
     assert err.max() < TOL, f"frame {int(err.argmax())} (turn {int(err.argmax()) // 25}) differs by {err.max():.2e}"
 
 
+# ---- window_recompute bundles (the authors' models) ------------------------------------------
+@pytest.fixture(scope="session")
+def window_bundle(tmp_path_factory) -> Path:
+    """A tiny window_recompute bundle: the authors' structure shrunk, random weights."""
+    pytest.importorskip("torch", reason="torch is needed to export the test window bundle")
+    pytest.importorskip("transformers", reason="transformers is needed for the test window bundle's wav2vec2")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from authors_fixture import write_tiny_window_bundle
+
+    path = write_tiny_window_bundle(tmp_path_factory.mktemp("window"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["attention"] == "window_recompute" and manifest["window"]["max_turns"] == W
+    return path
+
+
+@pytest.fixture(scope="session")
+def window_conversation(conversation, tmp_path_factory):
+    """The conversation with its own level and DC offset per turn for each speaker (quiet and loud
+    turns), so that the running audio normalisation matters: the tiny wav2vec2 normalises its
+    features, which would hide a constant gain on stationary noise."""
+    rng = np.random.default_rng(1)
+    d = tmp_path_factory.mktemp("window_conversation")
+    out = {"um": conversation["um"], "dir": d}
+    for name in ("ua", "aa"):
+        x = conversation[name] / np.float32(0.2)
+        turns = -(-len(x) // 16000)
+        gain = np.repeat(rng.uniform(0.02, 0.5, turns), 16000)[:len(x)]
+        offset = np.repeat(rng.uniform(-0.2, 0.2, turns), 16000)[:len(x)]
+        out[name] = (x * gain + offset).astype(np.float32)
+    for name in ("ua", "aa", "um"):
+        out[name].tofile(d / f"{name}.f32")
+    return out
+
+
+def test_c_abi_on_window_bundle(build, window_bundle, bad_bundle, bundle):
+    """The whole C test on a window bundle (bad input leaves the token window and the audio
+    statistics as they were, state, reset, feed == step, flush, feed rollback), and state blobs
+    refused across the two attention kinds."""
+    out = _run([build / "timar_test_c", window_bundle, bad_bundle, bundle])
+    assert out.strip().endswith(" 0 failed"), out
+
+
+@pytest.mark.parametrize("cfg,with_motion", [(1.0, True), (1.0, False), (2.0, True), (2.0, False)])
+@pytest.mark.parametrize("mode", ["step", "feed"])
+def test_window_cpp_equals_python(build, window_bundle, window_conversation, tmp_path, cfg, with_motion, mode):
+    """2W+3 turns: the window fills up to W-1 past turns, then drops its oldest each turn; the
+    audio is normalised with running statistics (per speaker, this turn included). Step mode also restores the snapshot taken after
+    W+2 turns (the ring wrapped) in a fresh session and replays the rest bit for bit; feed mode
+    ends with a half turn through flush."""
+    conversation = window_conversation
+    d = conversation["dir"]
+    cmd = [build / "timar_conv", "--bundle", window_bundle, "--user-audio", d / "ua.f32",
+           "--agent-audio", d / "aa.f32", "--seed", SEED, "--cfg", cfg, "--out", tmp_path / "m.f32"]
+    cmd += ["--user-motion", d / "um.f32"] if with_motion else []
+    cmd += ["--chunk", 3000, "--flush"] if mode == "feed" else ["--snapshot-at", W + 2]
+    out = _run(cmd)
+    if mode == "step":
+        assert f"snapshot after turn {W + 2}" in out and "max diff 0\n" in out, out
+    got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
+    want = python_motion(window_bundle, conversation, cfg, with_motion)
+    if mode == "step":
+        want = want[:TURNS * 25]
+    assert got.shape == want.shape
+    err = np.abs(got - want).max(axis=1)
+    assert err.max() < TOL, f"frame {int(err.argmax())} (turn {int(err.argmax()) // 25}) differs by {err.max():.2e}"
+
+
+def test_window_context_turns_equals_python(build, window_bundle, window_conversation, tmp_path):
+    """context_turns = 3: only the last 3 past turns are in the window (the ring keeps W-1)."""
+    d = window_conversation["dir"]
+    _run([build / "timar_conv", "--bundle", window_bundle, "--user-audio", d / "ua.f32", "--agent-audio",
+          d / "aa.f32", "--user-motion", d / "um.f32", "--seed", SEED, "--cfg", 2.0, "--context-turns", 3,
+          "--out", tmp_path / "m.f32"])
+    got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
+    s = Session(window_bundle, backend="onnxruntime", seed=SEED, cfg=2.0, context_turns=3)
+    n = TURNS * 16000
+    want = s.feed(user_audio=window_conversation["ua"][:n], user_motion=window_conversation["um"][:TURNS * 25],
+                  agent_audio=window_conversation["aa"][:n])
+    assert got.shape == want.shape
+    err = np.abs(got - want).max(axis=1)
+    assert err.max() < TOL, f"frame {int(err.argmax())} (turn {int(err.argmax()) // 25}) differs by {err.max():.2e}"
+    full = python_motion(window_bundle, window_conversation, 2.0, True)[:TURNS * 25]
+    assert np.abs(got - full).max() > 10 * TOL   # the limit changes the motion
+
+
 # ---- C# (Unity bindings) under Mono ---------------------------------------------------------
 @pytest.fixture(scope="session")
 def csharp_test(build, tmp_path_factory) -> Path:
@@ -181,6 +269,18 @@ def test_csharp_bindings_equal_python(build, csharp_test, bundle, conversation, 
     assert " 0 failed" in out, out
     got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
     want = python_motion(bundle, conversation, cfg, with_motion)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < TOL
+
+
+def test_csharp_bindings_on_window_bundle(build, csharp_test, window_bundle, window_conversation, tmp_path):
+    d = window_conversation["dir"]
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{build}:{ORT_ROOT / 'lib'}"}
+    out = _run(["mono", csharp_test, window_bundle, d / "ua.f32", d / "aa.f32", d / "um.f32", SEED, 2.0, 1024,
+                tmp_path / "m.f32"], env=env)
+    assert " 0 failed" in out, out
+    got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
+    want = python_motion(window_bundle, window_conversation, 2.0, True)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < TOL
 
@@ -214,16 +314,17 @@ def test_example_wav_program(build, bundle, conversation, tmp_path):
 
 
 # ---- AddressSanitizer / LeakSanitizer -------------------------------------------------------
-def test_c_abi_under_address_sanitizer(bundle, bad_bundle):
-    """The C test built with -fsanitize=address runs clean. LeakSanitizer suppressions
-    (runtime/tests/lsan.supp) cover frames inside libonnxruntime only."""
+@pytest.mark.parametrize("kind", ["cached", "window"])
+def test_c_abi_under_address_sanitizer(request, bundle, bad_bundle, kind):
+    """The C test built with -fsanitize=address runs clean, on a cached and on a window bundle.
+    LeakSanitizer suppressions (runtime/tests/lsan.supp) cover frames inside libonnxruntime only."""
     if os.environ.get("TIMAR_SKIP_ASAN"):
         pytest.skip("TIMAR_SKIP_ASAN is set")
+    args = [bundle, bad_bundle] if kind == "cached" else [request.getfixturevalue("window_bundle"), bad_bundle, bundle]
     build = _build(asan=True)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0",
            "LSAN_OPTIONS": f"suppressions={ROOT / 'runtime' / 'tests' / 'lsan.supp'}:print_suppressions=0"}
-    r = subprocess.run([str(build / "timar_test_c"), str(bundle), str(bad_bundle)], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run([str(build / "timar_test_c"), *map(str, args)], capture_output=True, text=True, env=env)
     report = r.stdout[-3000:] + r.stderr[-6000:]
     assert r.returncode == 0, report
     assert "Sanitizer" not in r.stderr, report

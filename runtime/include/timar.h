@@ -3,7 +3,8 @@
  *
  * Streams a two-person conversation turn by turn through a TIMAR bundle (the folder written by
  * timar-export: manifest.json, audio_encoder.onnx, encoder_step.onnx, denoiser.onnx and, when
- * built, TensorRT engines) and returns the agent's 3D head motion: per frame 56 floats, FLAME
+ * built, TensorRT engines; or a window_recompute bundle of the authors' models, with
+ * token_embed.onnx and window_encoder.onnx instead of encoder_step.onnx) and returns the agent's 3D head motion: per frame 56 floats, FLAME
  * expression 0..49, jaw pose 50..52 (axis-angle), neck/global pose 53..55 (axis-angle), at the
  * bundle's fps (25). It is the same loop as the Python `timar_sdk.Session`, with the same
  * portable random generator, so a seed gives the same motion in Python, C++ and Unity.
@@ -180,8 +181,9 @@ TIMAR_API timar_status timar_feed_frames(const timar_session* session, size_t us
 TIMAR_API timar_status timar_flush(timar_session* session, float* out_motion,
                                    size_t out_capacity_frames, size_t* out_frames);
 
-/* Snapshot (cache, ring ages, generator counter, turn count, stream buffers) as an opaque byte
- * blob, to fork or restore later on a session of the same bundle and cfg setting.
+/* Snapshot (cache and ring ages, or for window_recompute bundles the past turns' tokens and the
+ * audio statistics; generator counter, turn count, stream buffers) as an opaque byte blob, to
+ * fork or restore later on a session of the same bundle and cfg setting.
  * Call with buffer NULL to get the size in *out_size; the size changes as buffers fill. */
 TIMAR_API timar_status timar_get_state(const timar_session* session, void* buffer,
                                        size_t capacity, size_t* out_size);

@@ -1,5 +1,6 @@
-// A backend runs the bundle's three graphs and owns the KV cache (host or device memory).
-// Everything else (ring, sampler, generator, buffers) is shared in session.cpp.
+// A backend runs the bundle's graphs and owns the KV cache (host or device memory) of cached
+// bundles. Everything else (ring, token window, sampler, generator, buffers) is shared in
+// session.cpp.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "bundle.hpp"
+#include "error.hpp"
 
 namespace timar {
 
@@ -22,6 +24,15 @@ struct StepInputs {
   const float* uncond = nullptr;         // [rows]
   const float* user_motion_absent = nullptr;  // [rows]
   const int64_t* past_turn_age = nullptr;     // [rows, (W-1)*P]
+};
+
+// Inputs of token_embed (window_recompute bundles) for `rows` rows.
+struct TokenInputs {
+  int rows = 1;
+  const float* user_speech = nullptr;    // [rows, F, Da]
+  const float* user_motion = nullptr;    // [rows, F, 56] normalised
+  const float* agent_speech = nullptr;   // [rows, F, Da]
+  const float* uncond = nullptr;         // [rows]
 };
 
 struct BackendConfig {
@@ -47,7 +58,19 @@ class Backend {
   // x_t [n, 56], t [n] -> model output [n, 112]
   virtual void denoise(const float* x, const float* t, int n, float* out) = 0;
 
-  // The cache [L, 2, rows, H, (W-1)*P, hd]: zero it; write the pending turn's row 0 into
+  // window_recompute bundles (the backends that run them override these):
+  // one turn's tokens [rows, P, D] from token_embed;
+  virtual void embed_turn(const TokenInputs& in, float* tokens) {
+    (void)in, (void)tokens;
+    throw Error(TIMAR_ERR_UNSUPPORTED, std::string("backend: ") + name() + " does not run window_recompute bundles");
+  }
+  // the window's tokens [rows, n, D] (n = k * P, k = 1..W) -> z [rows, F, Dz] of its last turn.
+  virtual void encode_window(const float* tokens, int rows, int n, float* z) {
+    (void)tokens, (void)rows, (void)n, (void)z;
+    throw Error(TIMAR_ERR_UNSUPPORTED, std::string("backend: ") + name() + " does not run window_recompute bundles");
+  }
+
+  // cached bundles: the cache [L, 2, rows, H, (W-1)*P, hd]: zero it; write the pending turn's row 0 into
   // `slot` of every row; read / write one slot (for undo); the whole cache to / from the host.
   virtual void clear_cache() = 0;
   virtual void commit(int slot) = 0;

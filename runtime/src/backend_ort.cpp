@@ -1,6 +1,8 @@
 // ONNX Runtime backend (C++ API): CPU, or the CUDA execution provider when the library has it.
 // Inputs are wrapped in place (no copies) and outputs land in preallocated host buffers, so a
 // turn allocates nothing; the cache is one host array written in place, slot by slot.
+// Runs cached bundles (audio_encoder, encoder_step, denoiser) and window_recompute bundles
+// (audio_encoder, token_embed, window_encoder, denoiser; no cache).
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -55,8 +57,8 @@ class OrtBackend final : public Backend {
  public:
   OrtBackend(const Bundle& b, const BackendConfig& cfg)
       : kind_(cfg.kind), rows_(cfg.rows), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim),
-        L_(b.layers), H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn),
-        mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+        L_(b.layers), H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn), D_(b.token_dim),
+        graphs_(b.graph_names()), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
     Ort::SessionOptions opts;
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
@@ -75,7 +77,7 @@ class OrtBackend final : public Backend {
                                                        "ONNX Runtime (") + e.what() + ")");
       }
     }
-    for (const char* name : {"audio_encoder", "encoder_step", "denoiser"}) {
+    for (const char* name : graphs_) {
       const std::string path = b.graph_path(name);
       try {
 #ifdef _WIN32
@@ -101,7 +103,30 @@ class OrtBackend final : public Backend {
     Ort::Value out = tensor(features, size_t(2) * F_ * Da_, out_shape.data(), 3);
     const char* in_names[] = {"waveform"};
     const char* out_names[] = {"speech_features"};
-    run(0, in_names, &in, 1, out_names, &out, 1);
+    run(graph("audio_encoder"), in_names, &in, 1, out_names, &out, 1);
+  }
+
+  void embed_turn(const TokenInputs& x, float* tokens) override {
+    const int64_t r = x.rows;
+    const std::array<int64_t, 3> speech{r, F_, Da_}, motion{r, F_, 56}, out_shape{r, P_, D_};
+    const std::array<int64_t, 1> row{r};
+    std::array<Ort::Value, 4> in{tensor(const_cast<float*>(x.user_speech), size_t(r) * F_ * Da_, speech.data(), 3),
+                                 tensor(const_cast<float*>(x.user_motion), size_t(r) * F_ * 56, motion.data(), 3),
+                                 tensor(const_cast<float*>(x.agent_speech), size_t(r) * F_ * Da_, speech.data(), 3),
+                                 tensor(const_cast<float*>(x.uncond), size_t(r), row.data(), 1)};
+    const char* in_names[] = {"user_speech", "user_motion", "agent_speech", "uncond"};
+    Ort::Value out = tensor(tokens, size_t(r) * P_ * D_, out_shape.data(), 3);
+    const char* out_names[] = {"tokens"};
+    run(graph("token_embed"), in_names, in.data(), in.size(), out_names, &out, 1);
+  }
+
+  void encode_window(const float* tokens, int rows, int n, float* z) override {
+    const std::array<int64_t, 3> in_shape{rows, n, D_}, out_shape{rows, F_, Dz_};
+    Ort::Value in = tensor(const_cast<float*>(tokens), size_t(rows) * size_t(n) * D_, in_shape.data(), 3);
+    Ort::Value out = tensor(z, size_t(rows) * F_ * Dz_, out_shape.data(), 3);
+    const char* in_names[] = {"tokens"};
+    const char* out_names[] = {"z"};
+    run(graph("window_encoder"), in_names, &in, 1, out_names, &out, 1);
   }
 
   void encoder_step(const StepInputs& x, float* z) override {
@@ -128,7 +153,7 @@ class OrtBackend final : public Backend {
     std::array<Ort::Value, 2> out{tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
                                   tensor(present_.data(), present_.size(), present.data(), 6)};
     const char* out_names[] = {"z", "present_key_values"};
-    run(1, in_names, in.data(), in.size(), out_names, out.data(), out.size());
+    run(graph("encoder_step"), in_names, in.data(), in.size(), out_names, out.data(), out.size());
   }
 
   void bind_z(const float* z, int n) override { z_.assign(z, z + size_t(n) * Dz_); }
@@ -143,7 +168,7 @@ class OrtBackend final : public Backend {
     const char* in_names[] = {"x_t", "t", "z"};
     Ort::Value o = tensor(out, size_t(n) * 112, os.data(), 2);
     const char* out_names[] = {"model_output"};
-    run(2, in_names, in.data(), in.size(), out_names, &o, 1);
+    run(graph("denoiser"), in_names, in.data(), in.size(), out_names, &o, 1);
   }
 
   void clear_cache() override { std::fill(cache_.begin(), cache_.end(), 0.0f); }
@@ -163,18 +188,24 @@ class OrtBackend final : public Backend {
   Ort::Value tensor(float* p, size_t n, const int64_t* shape, size_t rank) {
     return Ort::Value::CreateTensor<float>(mem_, p, n, shape, rank);
   }
-  void run(int graph, const char* const* in_names, const Ort::Value* in, size_t n_in,
+  // Index of a graph in sessions_ (the bundle's graph_names() order).
+  size_t graph(const char* name) const {
+    for (size_t i = 0; i < graphs_.size(); ++i)
+      if (std::strcmp(graphs_[i], name) == 0) return i;
+    throw Error(TIMAR_ERR_INTERNAL, std::string("onnxruntime: this bundle has no graph ") + name);
+  }
+  void run(size_t graph, const char* const* in_names, const Ort::Value* in, size_t n_in,
            const char* const* out_names, Ort::Value* out, size_t n_out) {
-    static const char* graphs[] = {"audio_encoder", "encoder_step", "denoiser"};
     try {
-      sessions_[size_t(graph)].Run(Ort::RunOptions{nullptr}, in_names, in, n_in, out_names, out, n_out);
+      sessions_[graph].Run(Ort::RunOptions{nullptr}, in_names, in, n_in, out_names, out, n_out);
     } catch (const Ort::Exception& e) {
-      throw Error(TIMAR_ERR_BACKEND, std::string("onnxruntime: ") + graphs[graph] + " failed: " + e.what());
+      throw Error(TIMAR_ERR_BACKEND, std::string("onnxruntime: ") + graphs_[graph] + " failed: " + e.what());
     }
   }
 
   int kind_, rows_;
-  int64_t F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_;
+  int64_t F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_, D_;
+  std::vector<const char*> graphs_;
   Ort::MemoryInfo mem_;
   std::vector<Ort::Session> sessions_;
   std::vector<float> cache_, present_, z_;

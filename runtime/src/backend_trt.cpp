@@ -325,6 +325,10 @@ class TrtBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_trt_backend(const Bundle& b, const BackendConfig& cfg, std::string* why) {
+  if (b.window) {   // no engines for the token_embed / window_encoder graphs
+    *why = "TensorRT runs cached bundles only; this window_recompute bundle runs with ONNX Runtime";
+    return nullptr;
+  }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count <= cfg.device_id) {
     *why = "no CUDA device " + std::to_string(cfg.device_id);

@@ -98,6 +98,49 @@ void check_file(const std::string& path, const std::string& sha, bool verify, co
   }
 }
 
+// A graph dimension that must equal one the manifest states elsewhere.
+void expect_dim(const Reader& r, const json& graphs, const std::string& g, const char* io, const std::string& tensor,
+                size_t axis, int want, const std::string& what) {
+  const int got = graph_dim(r, graphs, g, io, tensor, axis);
+  if (got != want)
+    throw BundleError(r.where + ": graphs." + g + " " + tensor + " dimension " + std::to_string(axis) + " is " +
+                      std::to_string(got) + ", expected " + std::to_string(want) + " (" + what + ")");
+}
+
+// cached bundles: the KV cache layout.
+void read_cache(const Reader& r, const json& m, Bundle& b) {
+  const json& cache = r.at(m, "cache", "cache");
+  b.layers = r.integer(cache, "layers", "cache.layers");
+  b.heads = r.integer(cache, "heads", "cache.heads");
+  b.head_dim = r.integer(cache, "head_dim", "cache.head_dim");
+  b.slots = r.integer(cache, "slots", "cache.slots");
+  b.empty_age = r.integer(cache, "empty_age", "cache.empty_age");
+  if (r.integer(cache, "tokens_per_slot", "cache.tokens_per_slot") != b.tokens_per_turn ||
+      b.slots != b.context_turns - 1 || b.empty_age != b.context_turns)
+    throw BundleError(r.where + ": cache.slots/tokens_per_slot/empty_age disagree with context_turns and turn_layout");
+}
+
+// window_recompute bundles (the authors' models): the token window and the audio normalisation.
+void read_window(const Reader& r, const json& m, Bundle& b) {
+  const json& window = r.at(m, "window", "window");
+  b.token_dim = r.integer(window, "token_dim", "window.token_dim");
+  if (b.token_dim < 1) throw BundleError(r.where + ": window.token_dim must be >= 1");
+  if (r.integer(window, "tokens_per_turn", "window.tokens_per_turn") != b.tokens_per_turn ||
+      r.integer(window, "max_turns", "window.max_turns") != b.context_turns)
+    throw BundleError(r.where + ": window.tokens_per_turn/max_turns disagree with turn_layout and context_turns");
+  if (b.history != "masked")
+    throw BundleError(r.where + ": window_recompute bundles must have history 'masked', got '" + b.history + "'");
+  const json& norm = r.at(m, "audio_normalization", "audio_normalization");
+  const std::string mode = r.string(norm, "mode", "audio_normalization.mode");
+  // The Python runtime normalises the audio of every window bundle with running statistics;
+  // anything else would give different motion, so it is refused rather than guessed.
+  if (mode != "running")
+    throw BundleError(r.where + ": audio_normalization.mode '" + mode +
+                      "' is not supported for window_recompute bundles (expected 'running')");
+  if (norm.is_object() && norm.contains("eps")) b.audio_norm_eps = r.number(norm, "eps", "audio_normalization.eps");
+  if (!(b.audio_norm_eps >= 0)) throw BundleError(r.where + ": audio_normalization.eps must be >= 0");
+}
+
 }  // namespace
 
 void Bundle::verify_engine_set(const EngineSet& set) const {
@@ -136,8 +179,10 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
     throw BundleError(path + ": generator '" + b.generator +
                       "' is not implemented here (this runtime has 'philox4x32-10-boxmuller')");
   const std::string attention = r.string(m, "attention", "attention");
-  if (attention != "cached")
-    throw BundleError(path + ": attention '" + attention + "' is not supported by this runtime");
+  if (attention != "cached" && attention != "window_recompute")
+    throw BundleError(path + ": attention '" + attention +
+                      "' is not supported by this runtime (expected 'cached' or 'window_recompute')");
+  b.window = attention == "window_recompute";
   b.fps = r.integer(m, "fps", "fps");
   b.sample_rate = r.integer(m, "sample_rate", "sample_rate");
   b.frames = r.integer(m, "frames_per_turn", "frames_per_turn");
@@ -156,15 +201,10 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
   b.history = r.string(m, "history", "history");
   if (b.history != "masked" && b.history != "feedback")
     throw BundleError(path + ": history must be 'masked' or 'feedback'");
-  const json& cache = r.at(m, "cache", "cache");
-  b.layers = r.integer(cache, "layers", "cache.layers");
-  b.heads = r.integer(cache, "heads", "cache.heads");
-  b.head_dim = r.integer(cache, "head_dim", "cache.head_dim");
-  b.slots = r.integer(cache, "slots", "cache.slots");
-  b.empty_age = r.integer(cache, "empty_age", "cache.empty_age");
-  if (r.integer(cache, "tokens_per_slot", "cache.tokens_per_slot") != b.tokens_per_turn ||
-      b.slots != b.context_turns - 1 || b.empty_age != b.context_turns)
-    throw BundleError(path + ": cache.slots/tokens_per_slot/empty_age disagree with context_turns and turn_layout");
+  if (b.window)
+    read_window(r, m, b);
+  else
+    read_cache(r, m, b);
   for (double v : r.numbers(m, "motion_mean", "motion_mean", 56)) b.motion_mean.push_back(float(v));
   for (double v : r.numbers(m, "motion_std", "motion_std", 56)) b.motion_std.push_back(float(v));
   const json& diff = r.at(m, "diffusion", "diffusion");
@@ -180,7 +220,7 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
   b.default_cfg = r.number(sampling, "cfg", "sampling.cfg");
 
   const json& graphs = r.at(m, "graphs", "graphs");
-  for (const char* name : {"audio_encoder", "encoder_step", "denoiser"}) {
+  for (const char* name : b.graph_names()) {
     const json& g = r.at(graphs, name, std::string("graphs.") + name);
     const std::string file = join(dir, r.string(g, "file", std::string("graphs.") + name + ".file"));
     const std::string sha = r.string(g, "sha256", std::string("graphs.") + name + ".sha256");
@@ -188,8 +228,15 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
     b.graph_file[name] = file;
     b.graph_sha256[name] = sha;
   }
-  b.speech_dim = graph_dim(r, graphs, "encoder_step", "inputs", "user_speech", 2);
   b.z_dim = graph_dim(r, graphs, "denoiser", "inputs", "z", 1);
+  if (b.window) {
+    b.speech_dim = graph_dim(r, graphs, "token_embed", "inputs", "user_speech", 2);
+    expect_dim(r, graphs, "token_embed", "outputs", "tokens", 2, b.token_dim, "window.token_dim");
+    expect_dim(r, graphs, "window_encoder", "inputs", "tokens", 2, b.token_dim, "window.token_dim");
+    expect_dim(r, graphs, "window_encoder", "outputs", "z", 2, b.z_dim, "the denoiser's z dimension");
+  } else {
+    b.speech_dim = graph_dim(r, graphs, "encoder_step", "inputs", "user_speech", 2);
+  }
 
   const json& engines = r.at(m, "engines", "engines");
   if (!engines.is_array()) throw BundleError(path + ": engines must be a list");

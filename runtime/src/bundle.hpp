@@ -30,8 +30,14 @@ struct Bundle {
   int context_turns = 0;          // W
   int tokens_per_turn = 0;        // P
   std::string history;            // "masked" | "feedback"
-  int layers = 0, heads = 0, head_dim = 0, slots = 0, empty_age = 0;
-  int speech_dim = 0;             // Da: encoder_step user_speech [B, F, Da]
+  // attention "cached": past turns live as keys/values in a cache of W-1 slots (the SDK's models).
+  // attention "window_recompute": past turns live as token embeddings [P, token_dim] and the
+  // whole window runs each turn (the authors' models); there is no cache section.
+  bool window = false;
+  int layers = 0, heads = 0, head_dim = 0, slots = 0, empty_age = 0;   // cached only
+  int token_dim = 0;              // window only: D of token_embed tokens [B, P, D]
+  double audio_norm_eps = 1e-7;   // window only: audio_normalization (mode "running").eps
+  int speech_dim = 0;             // Da: user_speech [B, F, Da] of encoder_step or token_embed
   int z_dim = 0;                  // Dz: denoiser z [N, Dz]
   std::vector<float> motion_mean, motion_std;   // [56] float32, as the Python runtime casts them
   std::vector<double> alphas_cumprod;           // [1000]
@@ -43,6 +49,11 @@ struct Bundle {
   std::vector<EngineSet> engines;
 
   std::string graph_path(const std::string& name) const { return graph_file.at(name); }
+  // The graphs this bundle's attention runs, in the order the backends load them.
+  std::vector<const char*> graph_names() const {
+    if (window) return {"audio_encoder", "token_embed", "window_encoder", "denoiser"};
+    return {"audio_encoder", "encoder_step", "denoiser"};
+  }
   // Check an engine set's files exist and match their sha256 (throws BundleError).
   void verify_engine_set(const EngineSet& set) const;
 };

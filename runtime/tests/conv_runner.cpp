@@ -3,12 +3,17 @@
 //
 //   timar_conv --bundle DIR --user-audio ua.f32 --agent-audio aa.f32 [--user-motion um.f32]
 //              [--seed N] [--cfg X] [--steps N] [--temperature X] [--history masked|feedback]
-//              [--threads N] [--chunk SAMPLES] [--flush] --out motion.f32
+//              [--threads N] [--context-turns N] [--chunk SAMPLES] [--flush] [--snapshot-at TURN]
+//              --out motion.f32
 //   timar_conv --normals N --seed S [--counter-lo N] [--counter-hi N] --out normals.f32
 //
 // Without --chunk every whole turn goes through timar_step; with --chunk the streams are fed
 // in pieces of that many samples (and the matching number of motion frames) through
 // timar_feed, then timar_flush when --flush is given.
+// --snapshot-at TURN (step mode): timar_get_state after that many turns; at the end a fresh
+// session with the same options takes the snapshot (timar_set_state) and replays the turns from
+// there, which must give the same frames bit for bit (exit status 1 otherwise).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -56,6 +61,7 @@ int main(int argc, char** argv) {
   timar_options_init(&o);
   o.backend = TIMAR_BACKEND_ORT_CPU;
   size_t chunk = 0, normals = 0;
+  long snapshot_at = -1;
   uint64_t counter_lo = 0, counter_hi = 0;
   bool flush = false;
   for (int i = 1; i < argc; ++i) {
@@ -77,9 +83,11 @@ int main(int argc, char** argv) {
     else if (a == "--steps") o.steps = uint32_t(std::strtoul(next().c_str(), nullptr, 0));
     else if (a == "--temperature") o.temperature = std::strtod(next().c_str(), nullptr);
     else if (a == "--threads") o.threads = std::atoi(next().c_str());
+    else if (a == "--context-turns") o.context_turns = std::atoi(next().c_str());
     else if (a == "--history") history = next();
     else if (a == "--chunk") chunk = std::strtoul(next().c_str(), nullptr, 0);
     else if (a == "--flush") flush = true;
+    else if (a == "--snapshot-at") snapshot_at = std::strtol(next().c_str(), nullptr, 0);
     else if (a == "--normals") normals = std::strtoul(next().c_str(), nullptr, 0);
     else if (a == "--counter-lo") counter_lo = std::strtoull(next().c_str(), nullptr, 0);
     else if (a == "--counter-hi") counter_hi = std::strtoull(next().c_str(), nullptr, 0);
@@ -113,11 +121,44 @@ int main(int argc, char** argv) {
   std::vector<float> out, buf(F * D * 64);
   if (!chunk) {
     const size_t turns = std::min(ua.size(), aa.size()) / S;
+    std::vector<unsigned char> snapshot;
     for (size_t t = 0; t < turns; ++t) {
+      if (snapshot_at >= 0 && size_t(snapshot_at) == t) {
+        size_t size = 0;
+        s = timar_get_state(sess, nullptr, 0, &size);
+        if (s != TIMAR_OK) return die("get_state (size)", s);
+        snapshot.resize(size);
+        s = timar_get_state(sess, snapshot.data(), snapshot.size(), &size);
+        if (s != TIMAR_OK) return die("get_state", s);
+      }
       const float* m = um.empty() ? nullptr : um.data() + t * F * D;
       s = timar_step(sess, ua.data() + t * S, S, m, m ? F : 0, aa.data() + t * S, S, buf.data(), buf.size() / D);
       if (s != TIMAR_OK) return die("step", s);
       out.insert(out.end(), buf.begin(), buf.begin() + std::ptrdiff_t(F * D));
+    }
+    if (!snapshot.empty()) {   // the snapshot restores exactly, in a fresh session
+      timar_session* fresh = nullptr;
+      s = timar_session_create(bundle.c_str(), &o, &fresh);
+      if (s != TIMAR_OK) return die("create (snapshot)", s);
+      s = timar_set_state(fresh, snapshot.data(), snapshot.size());
+      if (s != TIMAR_OK) return die("set_state", s);
+      float worst = 0.0f;
+      for (size_t t = size_t(snapshot_at); t < turns; ++t) {
+        const float* m = um.empty() ? nullptr : um.data() + t * F * D;
+        s = timar_step(fresh, ua.data() + t * S, S, m, m ? F : 0, aa.data() + t * S, S, buf.data(), buf.size() / D);
+        if (s != TIMAR_OK) return die("step (snapshot)", s);
+        for (size_t i = 0; i < F * D; ++i) {
+          const float d = std::fabs(buf[i] - out[t * F * D + i]);
+          if (!(d <= worst)) worst = d;   // NaN counts as a difference
+        }
+      }
+      timar_session_destroy(fresh);
+      std::printf("snapshot after turn %ld: turns %ld..%zu replayed, max diff %g\n", snapshot_at, snapshot_at,
+                  turns - 1, double(worst));
+      if (worst != 0.0f) {
+        std::fprintf(stderr, "timar_conv: the restored snapshot gives other frames (max diff %g)\n", double(worst));
+        return 1;
+      }
     }
   } else {
     const size_t frames_total = um.size() / D;

@@ -1,10 +1,13 @@
 /* Tests of the C ABI, in plain C (so the header is checked as C too).
  *
- *   timar_test_c BUNDLE_DIR [BAD_HASH_BUNDLE_DIR]
+ *   timar_test_c BUNDLE_DIR [BAD_HASH_BUNDLE_DIR [OTHER_KIND_BUNDLE_DIR]]
  *
  * Known answers of the portable generator, bad input through every entry point (error code,
  * a message that names the argument, and the session left exactly as it was), state blobs,
- * reset, feed == step. Ends with "N passed, N failed". Run under AddressSanitizer in CI. */
+ * reset, feed == step. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
+ * of the other attention kind, a state blob of one kind must be refused by the other, and only
+ * the window bundle refuses feedback history and TensorRT. Ends with "N passed, N failed".
+ * Run under AddressSanitizer in CI. */
 #define _POSIX_C_SOURCE 200112L /* setenv */
 #include <math.h>
 #include <stdio.h>
@@ -330,17 +333,86 @@ static void test_feed_rollback(const char* bundle) {
   free(got);
 }
 
+/* One state blob (after one turn) of a session on `bundle`. */
+static void* one_turn_state(const char* bundle, size_t* size) {
+  timar_session* s = open_session(bundle, 1.0);
+  float *ua = calloc(16000, sizeof(float)), *aa = calloc(16000, sizeof(float)), *out = malloc(sizeof(float) * 25 * 56);
+  void* blob = NULL;
+  size_t i;
+  for (i = 0; i < 16000; ++i) ua[i] = frand(0.3f), aa[i] = frand(0.3f);
+  if (s && timar_step(s, ua, 16000, NULL, 0, aa, 16000, out, 25) == TIMAR_OK &&
+      timar_get_state(s, NULL, 0, size) == TIMAR_OK) {
+    blob = malloc(*size);
+    if (timar_get_state(s, blob, *size, size) != TIMAR_OK) {
+      free(blob);
+      blob = NULL;
+    }
+  }
+  CHECK(blob != NULL, "state of a session on %s: %s", bundle, timar_last_error());
+  timar_session_destroy(s);
+  free(ua);
+  free(aa);
+  free(out);
+  return blob;
+}
+
+/* Does `bundle` refuse feedback history as a window_recompute bundle? (Cached ones take it.) */
+static int is_window_bundle(const char* bundle) {
+  timar_options o;
+  timar_session* s = NULL;
+  timar_status st;
+  timar_options_init(&o);
+  o.history = TIMAR_HISTORY_FEEDBACK;
+  o.backend = TIMAR_BACKEND_ORT_CPU;
+  st = timar_session_create(bundle, &o, &s);
+  timar_session_destroy(s);
+  if (st == TIMAR_OK) return 0;
+  expect_error(st, TIMAR_ERR_INVALID_ARGUMENT, "window_recompute", "feedback history on a window bundle");
+  return 1;
+}
+
+/* A cached and a window_recompute bundle: each kind's state blob is refused by the other. */
+static void test_state_kinds(const char* bundle, const char* other) {
+  const int window = is_window_bundle(bundle), other_window = is_window_bundle(other);
+  const char* win = window ? bundle : other;
+  size_t n_a = 0, n_b = 0;
+  void *a, *b;
+  timar_session *sa, *sb;
+  timar_options o;
+  timar_session* s = NULL;
+  CHECK(window != other_window, "expected one cached and one window_recompute bundle (%s, %s)", bundle, other);
+  if (window == other_window) return;
+  timar_options_init(&o);
+  o.backend = TIMAR_BACKEND_TENSORRT;
+  expect_error(timar_session_create(win, &o, &s), TIMAR_ERR_UNSUPPORTED, "cached bundles only",
+               "TensorRT on a window bundle");
+  a = one_turn_state(bundle, &n_a);
+  b = one_turn_state(other, &n_b);
+  sa = open_session(bundle, 1.0);
+  sb = open_session(other, 1.0);
+  if (a && b && sa && sb) {
+    expect_error(timar_set_state(sb, a, n_a), TIMAR_ERR_STATE, "window_recompute", "state of the other kind (1)");
+    expect_error(timar_set_state(sa, b, n_b), TIMAR_ERR_STATE, "window_recompute", "state of the other kind (2)");
+    CHECK(timar_set_state(sa, a, n_a) == TIMAR_OK, "state of the same kind: %s", timar_last_error());
+  }
+  timar_session_destroy(sa);
+  timar_session_destroy(sb);
+  free(a);
+  free(b);
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: %s BUNDLE_DIR [BAD_HASH_BUNDLE_DIR]\n", argv[0]);
+    fprintf(stderr, "usage: %s BUNDLE_DIR [BAD_HASH_BUNDLE_DIR [OTHER_KIND_BUNDLE_DIR]]\n", argv[0]);
     return 2;
   }
   test_generator();
   test_library();
-  test_create_errors(argv[1], argc > 2 ? argv[2] : NULL);
+  test_create_errors(argv[1], argc > 2 && argv[2][0] ? argv[2] : NULL);   /* "" = none */
   test_session(argv[1], 1.0);
   test_session(argv[1], 2.0);
   test_feed_rollback(argv[1]);
+  if (argc > 3) test_state_kinds(argv[1], argv[3]);
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
 }

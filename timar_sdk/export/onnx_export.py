@@ -9,7 +9,8 @@ The authors' checkpoints ("window_recompute" bundles, timar_sdk.model.authors): 
 token_embed (one turn -> tokens [B, P, D]), window_encoder (tokens [B, N, D] -> z [B, F, D]),
 denoiser.
 
-Opset 17 (LayerNormalization), constants folded, static shapes except the batch axis.
+Opset 17 (LayerNormalization), constants folded, static shapes except the batch axis (and the
+window graph's token axis).
 """
 from __future__ import annotations
 

@@ -49,6 +49,9 @@ class Session:
         # "cached": past turns live as keys/values (the SDK's models). "window_recompute": past
         # turns live as token embeddings and the whole window runs each turn (the authors' models).
         self.window = m["attention"] == "window_recompute"
+        if self.window and m["audio_normalization"]["mode"] != "running":
+            raise BundleError(f"manifest.json: audio_normalization {m['audio_normalization']['mode']!r} is not "
+                              f"implemented for window_recompute bundles (this runtime has 'running')")
         defaults = m["sampling"]
         self.steps = int(defaults["steps"] if steps is None else steps)
         self.temperature = float(defaults["temperature"] if temperature is None else temperature)
@@ -92,7 +95,8 @@ class Session:
         self._ring = TurnRing.empty(m["context_turns"], m["turn_layout"]["tokens_per_turn"], self._context)
         if self.window:
             self._tokens: tuple[np.ndarray, ...] = ()      # past turns' tokens [P, D], oldest first
-            self._audio_norm = (RunningNorm(), RunningNorm())   # user, agent
+            eps = float(m["audio_normalization"].get("eps", 1e-7))
+            self._audio_norm = (RunningNorm(eps=eps), RunningNorm(eps=eps))   # user, agent
         else:
             self._cache = self.backend.new_cache(self.rows)
         self._noise = PhiloxNormal(self.seed)
@@ -192,7 +196,7 @@ class Session:
             raise TimarInputError("state: expected a get_state() snapshot of a session on this bundle")
         if self.window:
             self._tokens = tuple(np.array(t, np.float32, copy=True) for t in state["tokens"])
-            self._audio_norm = tuple(RunningNorm.from_list(v) for v in state["audio_norm"])
+            self._audio_norm = tuple(RunningNorm.from_list(v, n.eps) for v, n in zip(state["audio_norm"], self._audio_norm))
         else:
             cache = np.asarray(state["cache"])
             if list(cache.shape) != list(self.backend.cache_to_numpy(self._cache).shape):
