@@ -57,7 +57,7 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
 def test_missing_checkpoint_and_wav2vec2_dir_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt: no such file"):
         read_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="wav2vec2_path: expected a local Hugging Face wav2vec2 directory"):
+    with pytest.raises(FileNotFoundError, match="wav2vec2: expected a local Hugging Face wav2vec2 directory.*wav2vec2_path"):
         Timar(preset("tiny", audio_encoder="wav2vec2", wav2vec2_path=str(tmp_path / "missing")))
 
 

@@ -94,7 +94,7 @@ class Wav2Vec2Encoder(nn.Module):
         if not path or not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(
                 f"wav2vec2: expected a local Hugging Face wav2vec2 directory with config.json "
-                f"(timar-export --wav2vec2 DIR; the authors' models use facebook/wav2vec2-large-960h-lv60-self, "
+                f"(the config's wav2vec2_path, or timar-export --wav2vec2 DIR; the authors' models use facebook/wav2vec2-large-960h-lv60-self, "
                 f"which your Hugging Face cache keeps at "
                 f"~/.cache/huggingface/hub/models--facebook--wav2vec2-large-960h-lv60-self/snapshots/<hash>), "
                 f"got {path!r}")
