@@ -71,6 +71,7 @@ def test_onnx_runtime_matches_the_imported_torch_model_for_12_turns(authors):
         assert got.shape == (25, 56)
         assert np.abs(got - want).max() < 1e-3, f"turn {k}"
     assert session.turns == 12
+    assert session.info["attention"] == "window_recompute" and session.info["model_preset"] == "timar_base"
 
 
 def test_import_uses_the_ema_weights_and_refuses_other_checkpoints(authors):

@@ -195,6 +195,7 @@ def test_info(bundle):
     assert info["frames_per_turn"] == 25 and info["samples_per_turn"] == 16000
     assert info["motion_dim"] == 56 and len(info["motion_names"]) == 56
     assert info["backend"] == "onnxruntime" and info["providers"] == ["CPUExecutionProvider"]
+    assert info["attention"] == "cached"
 
 
 def test_runtime_never_imports_torch(bundle):

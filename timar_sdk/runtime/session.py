@@ -85,7 +85,8 @@ class Session:
                 "samples_per_turn": self.samples, "motion_dim": MOTION_DIM,
                 "motion_names": list(MOTION_NAMES), "motion_layout": {k: m["motion_layout"][k] for k in ("exp", "jaw", "neck")},
                 "context_turns": m["context_turns"], "history": self.history, "steps": self.steps,
-                "temperature": self.temperature, "cfg": self.cfg, "backend": self.backend.name,
+                "temperature": self.temperature, "cfg": self.cfg, "attention": m["attention"],
+                "backend": self.backend.name,
                 "providers": list(self.backend.providers), "model_preset": m["model"]["preset"],
                 "turns": self.turns}
 
