@@ -54,6 +54,8 @@ def test_export_writes_a_window_recompute_bundle(authors):
     assert set(m["graphs"]) == {"audio_encoder", "token_embed", "window_encoder", "denoiser"}
     assert m["window"] == {"tokens_per_turn": 110, "max_turns": 8, "token_dim": 768}
     assert m["model"]["preset"] == "timar_base" and m["model"]["depth"] == 24
+    their_count = sum(int(np.prod(s)) for s in authors_state_shapes(768, 24, speech_dim=W2V_HIDDEN).values())
+    assert m["model"]["num_params"] == their_count          # every parameter of theirs, nothing else
     assert m["audio_normalization"]["mode"] == "running"
     tokens = next(t for t in m["graphs"]["window_encoder"]["inputs"] if t["name"] == "tokens")
     assert isinstance(tokens["shape"][1], str)           # dynamic window length

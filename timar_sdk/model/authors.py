@@ -100,8 +100,10 @@ class WindowTimar(nn.Module):
         self._agent = turn_layout(f)["agent_motion"]
 
     def num_params(self) -> int:
-        """Parameters of the TIMAR part (the speech model not counted, as in the authors' file)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("audio_encoder."))
+        """Parameters of the authors' model: the speech model is not counted (it is not in their
+        file), nor the SDK blocks' turn-distance biases, which this model never uses."""
+        return sum(p.numel() for n, p in self.named_parameters()
+                   if not n.startswith("audio_encoder.") and not n.endswith(".turn_bias"))
 
     def embed_turn(self, user_speech, user_motion, agent_speech, uncond) -> torch.Tensor:
         """One turn's tokens. user_speech/agent_speech [B, F, Ds] speech-model features;
