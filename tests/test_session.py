@@ -156,22 +156,28 @@ def test_bad_turn_between_good_ones_leaves_no_trace(bundle, case):
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
 
 
+def fail_on_denoiser_call(session: Session, n: int):
+    """Make the session's n-th denoiser call from now raise, as a lost device would; returns the
+    real denoiser so the test can put it back."""
+    real, calls = session.backend.denoise, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    session.backend.denoise = failing
+    return real
+
+
 def test_backend_error_mid_turn_leaves_no_trace(bundle):
     ua, um, aa = conversation(2, seed=5)
     clean = Session(bundle, backend="onnxruntime", seed=2)
     want = [clean.step(ua[i], um[i], aa[i]) for i in range(2)]
     s = Session(bundle, backend="onnxruntime", seed=2)
     got = [s.step(ua[0], um[0], aa[0])]
-    real = s.backend.denoise
-    calls = []
-
-    def failing(*args):                     # fails on the 3rd denoiser call of the turn
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
-        return real(*args)
-
-    s.backend.denoise = failing
+    real = fail_on_denoiser_call(s, 3)      # the 3rd denoiser call of the turn fails
     with pytest.raises(RuntimeError):
         s.step(ua[1], um[1], aa[1])
     s.backend.denoise = real
@@ -228,15 +234,7 @@ def test_feed_rolls_back_every_turn_when_a_later_one_fails(bundle):
     clean = Session(bundle, backend="onnxruntime", seed=2)
     want = clean.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1))
     s = Session(bundle, backend="onnxruntime", seed=2)
-    real, calls = s.backend.denoise, []
-
-    def failing(*args):                     # the second turn's third denoiser call fails
-        calls.append(1)
-        if len(calls) == 8:
-            raise RuntimeError("device lost")
-        return real(*args)
-
-    s.backend.denoise = failing
+    real = fail_on_denoiser_call(s, 8)      # the second turn's third denoiser call fails
     with pytest.raises(RuntimeError):
         s.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1))
     assert s.turns == 0

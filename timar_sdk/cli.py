@@ -59,7 +59,7 @@ def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats):
     try:
         from timar_sdk.export.onnx_export import export_bundle, export_window_bundle
         from timar_sdk.model import authors
-        from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, load_model
+        from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, check_format, load_model
     except ImportError as e:
         raise click.ClickException(f"timar-export needs the export extra: pip install 'timar-sdk[export]' ({e})")
     path = Path(ckpt) if ckpt else DEFAULT_CHECKPOINT
@@ -78,11 +78,11 @@ def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats):
                                                motion_stats=motion_stats)
             manifest = export_window_bundle(model, out, opset=opset, source=source, ema=ema)
         else:
-            del raw
             if wav2vec2_dir or stats:
                 raise click.UsageError("--wav2vec2 and --stats are for the authors' checkpoints; this is a "
                                        "timar-sdk checkpoint")
-            model = load_model(path, ema=ema)
+            check_format(raw, path)
+            model = load_model(raw, ema=ema)           # the file is read once
             manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))

@@ -329,11 +329,10 @@ def load_authors_model(ckpt_path: str | Path | dict, wav2vec2_path: str | None, 
     ours = model.state_dict()
     converted = {}
     for theirs, name in mapping.items():
-        value = state[theirs].float().reshape(ours[name].shape) if state[theirs].numel() == ours[name].numel() else None
-        if value is None:
+        if state[theirs].numel() != ours[name].numel():
             raise ValueError(f"ckpt: {theirs} has shape {tuple(state[theirs].shape)}, expected "
                              f"{_their_shape(theirs, tuple(ours[name].shape))} for {cfg.preset}")
-        converted[name] = value
+        converted[name] = state[theirs].float().reshape(ours[name].shape)   # theirs keep leading 1s
     model.load_state_dict(converted, strict=False)    # turn_bias and the speech model are not theirs
     if cfg.do_norm:
         model.motion_mean.copy_(torch.as_tensor(motion_stats[0], dtype=torch.float32))

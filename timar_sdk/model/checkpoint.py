@@ -37,14 +37,19 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a bad pickle
         raise ValueError(f"ckpt: {path} is not a loadable weights-only checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"ckpt: {path} is not a timar-sdk checkpoint (expected format {FORMAT!r})")
+    check_format(ckpt, path)
     return ckpt
 
 
-def load_model(path: str | Path = DEFAULT_CHECKPOINT, ema: bool = True, **config_overrides) -> Timar:
-    """A Timar module in eval mode from a checkpoint (EMA weights when present and `ema`)."""
-    ckpt = read_checkpoint(path)
+def check_format(ckpt: object, path: str | Path) -> None:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"ckpt: {path} is not a timar-sdk checkpoint (expected format {FORMAT!r})")
+
+
+def load_model(path: str | Path | dict = DEFAULT_CHECKPOINT, ema: bool = True, **config_overrides) -> Timar:
+    """A Timar module in eval mode from a checkpoint path, or the dict `read_checkpoint` returned
+    (EMA weights when present and `ema`)."""
+    ckpt = path if isinstance(path, dict) else read_checkpoint(path)
     cfg = TimarConfig.from_dict({**ckpt["config"], **config_overrides})
     model = Timar(cfg)
     state = ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"]

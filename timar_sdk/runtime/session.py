@@ -219,14 +219,15 @@ class Session:
         f, r = self.frames, self.rows
         # A user whose face is not tracked reads as the neutral face (all-zero FLAME parameters);
         # the SDK's models also get the "absent" flag, which replaces those tokens.
-        user_motion = ((np.zeros((f, MOTION_DIM), np.float32) if um is None else um) - self._mean) / self._std
+        raw = np.zeros((f, MOTION_DIM), np.float32) if um is None else um
+        user_motion = ((raw - self._mean) / self._std).astype(np.float32)
         rep = lambda a: np.repeat(a[None], r, axis=0)  # noqa: E731
         uncond = np.array([0.0, 1.0][:r], np.float32)
         if self.window:
             norms = (self._audio_norm[0].update(ua), self._audio_norm[1].update(aa))
             feats = self.backend.encode_audio(np.stack([norms[0].apply(ua), norms[1].apply(aa)]))
             tokens = self.backend.embed_turn({"user_speech": rep(feats[0]), "agent_speech": rep(feats[1]),
-                                              "user_motion": rep(user_motion.astype(np.float32)), "uncond": uncond})
+                                              "user_motion": rep(user_motion), "uncond": uncond})
             visible = self._ring.visible_turns            # context experiment: fewer past turns
             n_past = len(self._tokens) if visible is None else min(visible, len(self._tokens))
             window = tokens
@@ -236,7 +237,7 @@ class Session:
             z = self.backend.encode_window(window)
         else:
             feats = self.backend.encode_audio(np.stack([ua, aa]))
-            inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion.astype(np.float32)),
+            inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion),
                       "agent_speech": rep(feats[1]), "agent_motion": np.zeros((r, f, MOTION_DIM), np.float32),
                       "agent_mask": np.ones((r, f), np.float32), "uncond": uncond,
                       "user_motion_absent": np.full(r, 1.0 if um is None else 0.0, np.float32),
