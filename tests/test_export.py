@@ -91,10 +91,14 @@ def test_manifest_is_plain_json_with_the_contract(tiny):
     assert m["cache"]["past_key_values_shape"] == [c.depth, 2, "batch", c.heads, (c.context_turns - 1) * 110, c.head_dim]
     assert len(m["diffusion"]["alphas_cumprod"]) == 1000
     assert m["motion_mean"] == pytest.approx(model.motion_mean.tolist())
-    names = [i["name"] for i in m["graphs"]["encoder_step"]["inputs"]]
-    assert names[-2:] == ["past_key_values", "past_turn_age"]
+    inputs = {i["name"]: i for i in m["graphs"]["encoder_step"]["inputs"]}
+    cache_names = [f"past_key_values.{layer}.{kv}" for layer in range(c.depth) for kv in ("key", "value")]
+    assert list(inputs)[-2 * c.depth - 1:] == ["past_turn_age"] + cache_names
+    assert m["cache"]["past_key_values_inputs"] == cache_names
+    for name in cache_names:
+        assert inputs[name]["shape"] == ["batch", c.heads, (c.context_turns - 1) * 110, c.head_dim]
     assert [o["name"] for o in m["graphs"]["encoder_step"]["outputs"]] == ["z", "present_key_values"]
-    assert m["graphs"]["encoder_step"]["inputs"][-1]["dtype"] == "int64"
+    assert inputs["past_turn_age"]["dtype"] == "int64"
 
 
 @pytest.fixture
@@ -126,6 +130,12 @@ def test_refuses_missing_graph(bundle_copy):
 def test_refuses_future_schema(bundle_copy):
     rewrite_manifest(bundle_copy, lambda m: m.update(schema_version=99))
     with pytest.raises(BundleError, match="manifest.json: schema_version 99 is newer"):
+        Bundle(bundle_copy)
+
+
+def test_refuses_older_schema_with_one_stacked_cache_input(bundle_copy):
+    rewrite_manifest(bundle_copy, lambda m: m.update(schema_version=1))
+    with pytest.raises(BundleError, match="schema_version 1 is older.*re-export"):
         Bundle(bundle_copy)
 
 

@@ -102,12 +102,12 @@ def test_profile_shapes_from_manifest_axes():
     manifest = {"frames_per_turn": 25}
     ranges = tb.axis_ranges(manifest, max_batch=2)
     assert ranges == {"batch": (1, 2, 2), "rows": (1, 50, 50)}
-    inputs = [{"name": "past_key_values", "dtype": "float32", "shape": [6, 2, "batch", 4, 770, 64]},
+    inputs = [{"name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch", 4, 770, 64]},
               {"name": "x_t", "dtype": "float32", "shape": ["rows", 56]},
               {"name": "static", "dtype": "float32", "shape": [3, 4]}]
     shapes = tb.profile_shapes(inputs, tb.axis_ranges(manifest, max_batch=4))
-    assert shapes["past_key_values"] == {"min": [6, 2, 1, 4, 770, 64], "opt": [6, 2, 2, 4, 770, 64],
-                                         "max": [6, 2, 4, 4, 770, 64]}
+    assert shapes["past_key_values.0.key"] == {"min": [1, 4, 770, 64], "opt": [2, 4, 770, 64],
+                                               "max": [4, 4, 770, 64]}
     assert shapes["x_t"] == {"min": [1, 56], "opt": [50, 56], "max": [100, 56]} and "static" not in shapes
     with pytest.raises(ValueError, match="'frames'"):
         tb.profile_shapes([{"name": "a", "shape": ["frames", 2]}], ranges, "g")
@@ -124,7 +124,7 @@ def _minimal_bundle(root, model=None, axis="batch"):
         graphs["tiny"] = {"file": "tiny.onnx", "sha256": sha256_of(root / "tiny.onnx"),
                           "inputs": [{"name": "x", "dtype": "float32", "shape": [axis, 8]}],
                           "outputs": [{"name": "y", "dtype": "float32", "shape": [axis, 4]}]}
-    manifest = {"schema_version": 1, "frames_per_turn": 25, "graphs": graphs, "engines": [],
+    manifest = {"schema_version": 2, "frames_per_turn": 25, "graphs": graphs, "engines": [],
                 "keep_me": {"untouched": [1, 2, 3]}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

@@ -58,7 +58,7 @@ class OrtBackend final : public Backend {
   OrtBackend(const Bundle& b, const BackendConfig& cfg)
       : kind_(cfg.kind), rows_(cfg.rows), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim),
         L_(b.layers), H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn), D_(b.token_dim),
-        graphs_(b.graph_names()), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+        graphs_(b.graph_names()), cache_inputs_(b.cache_inputs), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
     Ort::SessionOptions opts;
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
@@ -136,24 +136,30 @@ class OrtBackend final : public Backend {
     const std::array<int64_t, 3> speech{r, F_, Da_}, motion{r, F_, 56};
     const std::array<int64_t, 2> mask{r, F_}, ages{r, sp};
     const std::array<int64_t, 1> row{r};
-    const std::array<int64_t, 6> past{L_, 2, r, H_, sp, hd_}, present{L_, 2, r, H_, P_, hd_};
+    const std::array<int64_t, 4> past{r, H_, sp, hd_};
+    const std::array<int64_t, 6> present{L_, 2, r, H_, P_, hd_};
     const std::array<int64_t, 3> zs{r, F_, Dz_};
-    std::array<Ort::Value, 9> in{
-        tensor(const_cast<float*>(x.user_speech), size_t(r) * F_ * Da_, speech.data(), 3),
-        tensor(const_cast<float*>(x.user_motion), size_t(r) * F_ * 56, motion.data(), 3),
-        tensor(const_cast<float*>(x.agent_speech), size_t(r) * F_ * Da_, speech.data(), 3),
-        tensor(const_cast<float*>(x.agent_motion), size_t(r) * F_ * 56, motion.data(), 3),
-        tensor(const_cast<float*>(x.agent_mask), size_t(r) * F_, mask.data(), 2),
-        tensor(const_cast<float*>(x.uncond), size_t(r), row.data(), 1),
-        tensor(const_cast<float*>(x.user_motion_absent), size_t(r), row.data(), 1),
-        tensor(cache_.data(), cache_.size(), past.data(), 6),
-        Ort::Value::CreateTensor<int64_t>(mem_, const_cast<int64_t*>(x.past_turn_age), size_t(r * sp), ages.data(), 2)};
-    const char* in_names[] = {"user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
-                              "uncond", "user_motion_absent", "past_key_values", "past_turn_age"};
+    std::vector<Ort::Value> in;
+    in.reserve(8 + cache_inputs_.size());
+    in.push_back(tensor(const_cast<float*>(x.user_speech), size_t(r) * F_ * Da_, speech.data(), 3));
+    in.push_back(tensor(const_cast<float*>(x.user_motion), size_t(r) * F_ * 56, motion.data(), 3));
+    in.push_back(tensor(const_cast<float*>(x.agent_speech), size_t(r) * F_ * Da_, speech.data(), 3));
+    in.push_back(tensor(const_cast<float*>(x.agent_motion), size_t(r) * F_ * 56, motion.data(), 3));
+    in.push_back(tensor(const_cast<float*>(x.agent_mask), size_t(r) * F_, mask.data(), 2));
+    in.push_back(tensor(const_cast<float*>(x.uncond), size_t(r), row.data(), 1));
+    in.push_back(tensor(const_cast<float*>(x.user_motion_absent), size_t(r), row.data(), 1));
+    in.push_back(Ort::Value::CreateTensor<int64_t>(mem_, const_cast<int64_t*>(x.past_turn_age), size_t(r * sp),
+                                                   ages.data(), 2));
+    // Input i of the cache is the block cache[i / 2][i % 2]: a view into the one buffer.
+    const size_t block = size_t(r) * H_ * sp * hd_;
+    for (size_t i = 0; i < cache_inputs_.size(); ++i) in.push_back(tensor(cache_.data() + i * block, block, past.data(), 4));
+    std::vector<const char*> in_names = {"user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
+                                         "uncond", "user_motion_absent", "past_turn_age"};
+    for (const std::string& n : cache_inputs_) in_names.push_back(n.c_str());
     std::array<Ort::Value, 2> out{tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
                                   tensor(present_.data(), present_.size(), present.data(), 6)};
     const char* out_names[] = {"z", "present_key_values"};
-    run(graph("encoder_step"), in_names, in.data(), in.size(), out_names, out.data(), out.size());
+    run(graph("encoder_step"), in_names.data(), in.data(), in.size(), out_names, out.data(), out.size());
   }
 
   void bind_z(const float* z, int n) override { z_.assign(z, z + size_t(n) * Dz_); }
@@ -206,6 +212,7 @@ class OrtBackend final : public Backend {
   int kind_, rows_;
   int64_t F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_, D_;
   std::vector<const char*> graphs_;
+  std::vector<std::string> cache_inputs_;
   Ort::MemoryInfo mem_;
   std::vector<Ort::Session> sessions_;
   std::vector<float> cache_, present_, z_;

@@ -106,7 +106,7 @@ class TrtBackend final : public Backend {
  public:
   TrtBackend(const Bundle& b, const BackendConfig& cfg, const EngineSet& set)
       : rows_(cfg.rows), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim), L_(b.layers),
-        H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn) {
+        H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn), cache_inputs_(b.cache_inputs) {
     cuda_check(cudaSetDevice(cfg.device_id), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
@@ -191,7 +191,7 @@ class TrtBackend final : public Backend {
     set_shape(ctx, "agent_mask", dims({r, F_}));
     set_shape(ctx, "uncond", dims({r}));
     set_shape(ctx, "user_motion_absent", dims({r}));
-    set_shape(ctx, "past_key_values", dims({L_, 2, r, H_, int64_t(SP), hd_}));
+    for (const std::string& n : cache_inputs_) set_shape(ctx, n.c_str(), dims({r, H_, int64_t(SP), hd_}));
     set_shape(ctx, "past_turn_age", dims({r, int64_t(SP)}));
     bind(ctx, "user_speech", user_speech_.ptr);
     bind(ctx, "user_motion", user_motion_.ptr);
@@ -200,7 +200,10 @@ class TrtBackend final : public Backend {
     bind(ctx, "agent_mask", agent_mask_.ptr);
     bind(ctx, "uncond", uncond_.ptr);
     bind(ctx, "user_motion_absent", absent_.ptr);
-    bind(ctx, "past_key_values", cache_.ptr);   // read in place: the cache never leaves the GPU
+    // Read in place: input i is the block cache[i / 2][i % 2]; the cache never leaves the GPU.
+    const size_t block = sizeof(float) * R * size_t(H_) * SP * size_t(hd_);
+    for (size_t i = 0; i < cache_inputs_.size(); ++i)
+      bind(ctx, cache_inputs_[i].c_str(), static_cast<char*>(cache_.ptr) + i * block);
     bind(ctx, "past_turn_age", ages_.ptr);
     bind(ctx, "z", z_.ptr);
     bind(ctx, "present_key_values", present_.ptr);
@@ -310,6 +313,7 @@ class TrtBackend final : public Backend {
   }
 
   int64_t rows_, F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_;
+  std::vector<std::string> cache_inputs_;
   int z_rows_ = 0;
   bool age_is_int64_ = true;
   Logger logger_;

@@ -11,7 +11,7 @@ namespace timar {
 namespace {
 
 using json = nlohmann::json;
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;   // as timar_sdk/runtime/bundle.py
 
 bool is_file(const std::string& p) {
   std::error_code ec;
@@ -118,6 +118,14 @@ void read_cache(const Reader& r, const json& m, Bundle& b) {
   if (r.integer(cache, "tokens_per_slot", "cache.tokens_per_slot") != b.tokens_per_turn ||
       b.slots != b.context_turns - 1 || b.empty_age != b.context_turns)
     throw BundleError(r.where + ": cache.slots/tokens_per_slot/empty_age disagree with context_turns and turn_layout");
+  // encoder_step's cache inputs: input i is cache[i / 2][i % 2] (layer, key/value).
+  const json& names = r.at(cache, "past_key_values_inputs", "cache.past_key_values_inputs");
+  if (!names.is_array() || names.size() != size_t(2 * b.layers))
+    throw BundleError(r.where + ": cache.past_key_values_inputs must list 2 * cache.layers input names");
+  for (const json& n : names) {
+    if (!n.is_string()) throw BundleError(r.where + ": cache.past_key_values_inputs must hold strings only");
+    b.cache_inputs.push_back(n.get<std::string>());
+  }
 }
 
 // window_recompute bundles (the authors' models): the token window and the audio normalisation.

@@ -35,6 +35,9 @@ struct Bundle {
   // whole window runs each turn (the authors' models); there is no cache section.
   bool window = false;
   int layers = 0, heads = 0, head_dim = 0, slots = 0, empty_age = 0;   // cached only
+  // cached only: encoder_step's cache inputs, 2 * layers names; input i is the block
+  // cache[i / 2][i % 2] [rows, H, slots*P, hd] of the cache [L, 2, rows, H, slots*P, hd].
+  std::vector<std::string> cache_inputs;
   int token_dim = 0;              // window only: D of token_embed tokens [B, P, D]
   double audio_norm_eps = 1e-7;   // window only: audio_normalization (mode "running").eps
   int speech_dim = 0;             // Da: user_speech [B, F, Da] of encoder_step or token_embed

@@ -30,18 +30,17 @@ from timar_sdk.export.op_support import check_ops
 from timar_sdk.layout import (EXP, JAW, MOTION_DIM, MOTION_NAMES, NECK, SPECIAL_TOKENS,
                               special_token_positions, turn_layout)
 from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
-                                    example_inputs, graph_modules, window_example_inputs,
+                                    cache_input_names, example_inputs, graph_modules, window_example_inputs,
                                     window_graph_modules)
 from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest
 
-def _dynamic_axes(name: str) -> dict[str, dict[int, str]]:
+def _dynamic_axes(name: str, layers: int = 0) -> dict[str, dict[int, str]]:
     if name == "denoiser":
         return {n: {0: "rows"} for n in ("x_t", "t", "z", "model_output")}
     if name == "audio_encoder":
         return {"waveform": {0: "batch"}, "speech_features": {0: "batch"}}
-    axes = {n: {0: "batch"} for n in STEP_INPUTS + ["z"]}
-    axes["past_key_values"] = {2: "batch"}
+    axes = {n: {0: "batch"} for n in STEP_INPUTS + cache_input_names(layers) + ["z"]}
     axes["present_key_values"] = {2: "batch"}
     return axes
 
@@ -72,7 +71,7 @@ def trace_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: lis
 def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onnx.ModelProto]:
     """The bundle's three graphs as in-memory ONNX models."""
     inputs = example_inputs(model, batch)
-    return {name: trace_graph(module, inputs[name], GRAPH_OUTPUTS[name], _dynamic_axes(name), opset)
+    return {name: trace_graph(module, inputs[name], GRAPH_OUTPUTS[name], _dynamic_axes(name, model.cfg.depth), opset)
             for name, module in graph_modules(model.eval()).items()}
 
 
@@ -117,7 +116,8 @@ def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool
         "cache": {"layers": c.depth, "heads": c.heads, "head_dim": c.head_dim,
                   "slots": c.context_turns - 1, "tokens_per_slot": c.tokens_per_turn,
                   "empty_age": c.context_turns,
-                  "past_key_values_shape": [c.depth, 2, "batch", c.heads, c.cache_tokens, c.head_dim]},
+                  "past_key_values_shape": [c.depth, 2, "batch", c.heads, c.cache_tokens, c.head_dim],
+                  "past_key_values_inputs": cache_input_names(c.depth)},
         "sampling": {"steps": c.steps, "temperature": c.temperature, "cfg": c.cfg},
     }
 

@@ -39,24 +39,26 @@ class TimestepEmbedder(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
+        self.width = width     # split(width) rather than chunk(3): a constant Split in ONNX
         self.in_ln = nn.LayerNorm(width, eps=LN_EPS)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.adaLN(y).chunk(3, dim=-1)
+        shift, scale, gate = self.adaLN(y).split(self.width, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
 class FinalLayer(nn.Module):
     def __init__(self, width: int, out_dim: int):
         super().__init__()
+        self.width = width
         self.norm = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
         self.linear = nn.Linear(width, out_dim)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN(y).chunk(2, dim=-1)
+        shift, scale = self.adaLN(y).split(self.width, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 

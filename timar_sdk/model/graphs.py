@@ -11,7 +11,18 @@ from timar_sdk.layout import MOTION_DIM
 from timar_sdk.model.timar import Timar
 
 STEP_INPUTS = ["user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
-               "uncond", "user_motion_absent", "past_key_values", "past_turn_age"]
+               "uncond", "user_motion_absent", "past_turn_age"]
+"""encoder_step's inputs before the cache; the cache inputs (`cache_input_names`) follow them."""
+
+
+def cache_input_names(layers: int) -> list[str]:
+    """encoder_step's cache inputs, one per layer and key/value, each [B, H, (W-1)*P, hd]:
+    input i is cache[i // 2, i % 2] of the runtime's cache tensor [L, 2, B, H, (W-1)*P, hd].
+
+    Separate inputs rather than one stacked tensor: slicing a stacked input inside the graph
+    copies the whole cache every turn, while a runtime passes views of its one buffer for free.
+    """
+    return [f"past_key_values.{layer}.{part}" for layer in range(layers) for part in ("key", "value")]
 
 
 class AudioEncoderGraph(nn.Module):
@@ -29,9 +40,10 @@ class EncoderStepGraph(nn.Module):
         self.model = model
 
     def forward(self, user_speech, user_motion, agent_speech, agent_motion, agent_mask, uncond,
-                user_motion_absent, past_key_values, past_turn_age):
+                user_motion_absent, past_turn_age, *past_key_values):
+        per_layer = [past_key_values[i:i + 2] for i in range(0, len(past_key_values), 2)]
         return self.model.forward_step(user_speech, user_motion, agent_speech, agent_motion, agent_mask,
-                                       uncond, user_motion_absent, past_key_values, past_turn_age)
+                                       uncond, user_motion_absent, per_layer, past_turn_age)
 
 
 class DenoiserGraph(nn.Module):
@@ -57,8 +69,8 @@ def example_inputs(model: Timar, batch: int = 1) -> dict[str, dict[str, torch.Te
             "agent_speech": r(batch, f, audio_dim), "agent_motion": r(batch, f, MOTION_DIM),
             "agent_mask": torch.ones(batch, f), "uncond": torch.zeros(batch),
             "user_motion_absent": torch.zeros(batch),
-            "past_key_values": r(c.depth, 2, batch, c.heads, c.cache_tokens, c.head_dim),
             "past_turn_age": torch.full((batch, c.cache_tokens), c.context_turns, dtype=torch.int64),
+            **{name: r(batch, c.heads, c.cache_tokens, c.head_dim) for name in cache_input_names(c.depth)},
         },
         "denoiser": {"x_t": r(batch * f, MOTION_DIM), "t": torch.full((batch * f,), 500.0),
                      "z": r(batch * f, c.width)},

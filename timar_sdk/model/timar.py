@@ -27,6 +27,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: TimarConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.scale = cfg.head_dim ** -0.5
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.proj_drop = nn.Dropout(cfg.dropout)
@@ -40,7 +41,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, past_kv: torch.Tensor | None = None,
                 keep: slice | None = None):
-        """x [B, N, D]; bias broadcastable to [B, H, N, M + N]; past_kv [2, B, H, M, hd] or None;
+        """x [B, N, D]; bias broadcastable to [B, H, N, M + N] or None; past_kv [2, B, H, M, hd] or None;
         keep: the query tokens whose outputs are wanted (all when None; keys and values always
         come from all N). Returns the output [B, N or kept, D] and this call's keys/values
         [2, B, H, N, hd]."""
@@ -53,8 +54,14 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        # Written out rather than F.scaled_dot_product_attention: its ONNX export scales q and
+        # k separately and materialises k^T, whereas q @ k^T * scale becomes one fused MatMul
+        # in ONNX Runtime (and the same ops in TensorRT).
+        att = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        if bias is not None:
+            att = att + bias
+        att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
+        out = torch.matmul(att, v)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d))), present
 
 
@@ -216,7 +223,8 @@ class Timar(nn.Module):
 
         user_feats/agent_feats [B, F, Da]; user_motion/agent_motion [B, F, 56]; agent_mask [B, F];
         user_uncond [B], user_absent [B] (per-row flags, 0/1 float);
-        past_key_values [L, 2, B, H, (W-1)*P, hd]; past_turn_age [B, (W-1)*P] int64
+        past_key_values: per layer, the keys and values [2][B, H, (W-1)*P, hd] (a tensor
+        [L, 2, B, H, (W-1)*P, hd] or a list of (key, value) pairs); past_turn_age [B, (W-1)*P] int64
         (1..W-1 filled, W empty). Returns z [B, F, D] and present_key_values [L, 2, B, H, P, hd].
         """
         if self.cfg.attention != "band":

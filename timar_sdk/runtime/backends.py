@@ -2,7 +2,8 @@
 
 Every backend offers the same small interface, with numpy in and out at its edges:
   encode_audio(waveform [2, S]) -> speech features [2, F, Da]
-  encoder_step(inputs: dict of numpy, cache) -> z [B, F, D], present (backend-native)
+  encoder_step(inputs: dict of numpy, cache) -> z [B, F, D], present (backend-native); the
+      cache [L, 2, rows, H, (W-1)*P, hd] goes in as one input per layer and key/value
   denoise(x_t [N, 56], t [N], z [N, D]) -> [N, 112]
   new_cache(rows) / commit(cache, present, slot) / cache_to_numpy(cache) / cache_from_numpy(a)
 The cache holds `rows` identical copies (rows = 2 when classifier-free guidance is on, so the
@@ -27,6 +28,11 @@ class HostCacheBackend:
     def _init_cache(self, bundle: Bundle) -> None:
         self.cache_shape = [d if isinstance(d, int) else 1 for d in bundle["cache"]["past_key_values_shape"]]
         self.tokens_per_slot = bundle["cache"]["tokens_per_slot"]
+        self.cache_inputs = bundle["cache"]["past_key_values_inputs"]
+
+    def cache_views(self, cache: np.ndarray) -> dict[str, np.ndarray]:
+        """encoder_step's cache inputs: input i is cache[i // 2, i % 2], a contiguous view."""
+        return {name: cache[i // 2, i % 2] for i, name in enumerate(self.cache_inputs)}
 
     def new_cache(self, rows: int) -> np.ndarray:
         shape = list(self.cache_shape)
@@ -93,7 +99,8 @@ class OrtBackend(HostCacheBackend):
         binding = sess.io_binding()
         for name, value in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_cpu_input("past_key_values", cache)
+        for name, view in self.cache_views(cache).items():
+            binding.bind_cpu_input(name, view)
         for name in self._step_outputs:
             binding.bind_output(name, self.device)
         sess.run_with_iobinding(binding)
@@ -156,8 +163,7 @@ class TorchBackend(HostCacheBackend):
 
     def encoder_step(self, inputs, cache):
         from timar_sdk.model.graphs import STEP_INPUTS
-        values = {**inputs, "past_key_values": cache}
-        return self._run("encoder_step", *(values[k] for k in STEP_INPUTS))
+        return self._run("encoder_step", *(inputs[k] for k in STEP_INPUTS), *self.cache_views(cache).values())
 
     def embed_turn(self, inputs):
         from timar_sdk.model.graphs import TOKEN_INPUTS

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: one encoder_step input per layer and key/value (cache.past_key_values_inputs)
 GENERATOR = {"name": "philox4x32-10-boxmuller",
              "noise_order": "per turn: start noise [F,56], then one [F,56] per respaced step "
                             "(the last step's drawn and discarded); CFG rows share it"}

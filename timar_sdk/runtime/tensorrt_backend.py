@@ -2,9 +2,10 @@
 pycuda device buffers and one CUDA stream (DESIGN.md sections 3-4).
 
 Same interface as the backends in ``backends.py`` (numpy in and out at the edges), but the KV
-cache stays on the GPU between turns: ``encoder_step`` binds the cache buffer as
-``past_key_values`` and leaves ``present_key_values`` in a device buffer, and ``commit`` copies the
-conditional row's present keys/values into the cache slot device-to-device.
+cache stays on the GPU between turns: ``encoder_step`` binds each layer's keys and values
+(``past_key_values.<layer>.key``/``.value``) to their place in the one cache buffer and leaves
+``present_key_values`` in a device buffer, and ``commit`` copies the conditional row's present
+keys/values into the cache slot device-to-device.
 
 Written against NVIDIA's TensorRT 10 Python API documentation (named I/O tensors,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and pycuda's driver reference;
@@ -179,6 +180,7 @@ class TensorRTBackend:
         cache = bundle["cache"]
         self.tokens_per_slot = cache["tokens_per_slot"]
         self.cache_shape = tuple(d if isinstance(d, int) else 1 for d in cache["past_key_values_shape"])
+        self.cache_inputs = tuple(cache["past_key_values_inputs"])
         with self._active():
             self._stream = cuda.Stream()
             self._logger = trt.Logger(trt.Logger.WARNING)
@@ -187,11 +189,11 @@ class TensorRTBackend:
             self._engines = {
                 "audio_encoder": _Engine(trt, cuda, self._runtime, path["audio_encoder"]),
                 "encoder_step": _Engine(trt, cuda, self._runtime, path["encoder_step"],
-                                        external=("past_key_values",), device_only=("present_key_values",)),
+                                        external=self.cache_inputs, device_only=("present_key_values",)),
                 "denoiser": _Engine(trt, cuda, self._runtime, path["denoiser"]),
             }
         step = self._engines["encoder_step"]
-        self.max_batch = step.max_shape["past_key_values"][2]
+        self.max_batch = step.max_shape[self.cache_inputs[0]][0]
         if self._engines["audio_encoder"].max_shape["waveform"][0] < 2:
             raise RuntimeError(f"engine set {entry['dir']} was built with max_batch 1, but the audio encoder "
                                "runs [user, agent] as a batch of 2; rebuild with timar-build --max-batch 2")
@@ -220,9 +222,12 @@ class TensorRTBackend:
         if batch != cache.shape[2]:
             raise ValueError(f"encoder_step: batch {batch} does not match the cache's {cache.shape[2]} rows")
         step = self._engines["encoder_step"]
+        # Input i is cache[i // 2, i % 2]: consecutive blocks of the one buffer.
+        part_shape = cache.shape[2:]
+        part_bytes = int(np.prod(part_shape)) * FLOAT_BYTES
+        bound = {name: (int(cache.alloc) + i * part_bytes, part_shape) for i, name in enumerate(self.cache_inputs)}
         with self._active():
-            z = step.run(self._stream, inputs, fetch=("z",),
-                         bound={"past_key_values": (int(cache.alloc), cache.shape)})["z"]
+            z = step.run(self._stream, inputs, fetch=("z",), bound=bound)["z"]
         return z, DevicePresent(int(step.device["present_key_values"]), batch)
 
     def denoise(self, x: np.ndarray, t: np.ndarray, z: np.ndarray) -> np.ndarray:
