@@ -64,9 +64,11 @@ class OrtBackend final : public Backend {
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
     opts.SetInterOpNumThreads(1);
     if (cfg.threads > 0) opts.SetIntraOpNumThreads(cfg.threads);
-    // Three sessions run back to back each turn: spinning pool threads of one would steal the
-    // cores from the next (the Python runtime sets the same).
-    opts.AddConfigEntry("session.intra_op.allow_spinning", "0");
+    // Pool threads spin between a graph's many small operators instead of sleeping, and stop
+    // when the run returns: the graphs of a turn run back to back on separate pools, and one
+    // graph's spinning threads would steal the cores from the next (the Python runtime sets the same).
+    opts.AddConfigEntry("session.intra_op.allow_spinning", "1");
+    opts.AddConfigEntry("session.force_spinning_stop", "1");
     if (kind_ == TIMAR_BACKEND_ORT_CUDA) {
       OrtCUDAProviderOptions cuda{};
       cuda.device_id = cfg.device_id;
