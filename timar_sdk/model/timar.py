@@ -54,14 +54,14 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        # Written out rather than F.scaled_dot_product_attention: its ONNX export scales q and
-        # k separately and materialises k^T, whereas q @ k^T * scale becomes one fused MatMul
-        # in ONNX Runtime (and the same ops in TensorRT).
-        att = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-        if bias is not None:
-            att = att + bias
-        att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
-        out = torch.matmul(att, v)
+        if torch.onnx.is_in_onnx_export():
+            # The same function written out: SDPA's ONNX export scales q and k separately and
+            # materialises k^T, whereas q @ k^T * scale becomes one fused MatMul in ONNX Runtime.
+            att = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+            out = torch.matmul((att if bias is None else att + bias).softmax(dim=-1), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d))), present
 
 
