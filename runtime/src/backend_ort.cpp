@@ -93,6 +93,10 @@ class OrtBackend final : public Backend {
     }
     cache_.assign(cache_floats(), 0.0f);
     present_.assign(size_t(L_) * 2 * rows_ * H_ * P_ * hd_, 0.0f);
+    step_in_names_ = {"user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
+                      "uncond", "user_motion_absent", "past_turn_age"};
+    for (const std::string& n : cache_inputs_) step_in_names_.push_back(n.c_str());
+    step_in_.reserve(step_in_names_.size());
   }
 
   const char* name() const override { return kind_ == TIMAR_BACKEND_ORT_CUDA ? "onnxruntime-cuda" : "onnxruntime-cpu"; }
@@ -141,8 +145,8 @@ class OrtBackend final : public Backend {
     const std::array<int64_t, 4> past{r, H_, sp, hd_};
     const std::array<int64_t, 6> present{L_, 2, r, H_, P_, hd_};
     const std::array<int64_t, 3> zs{r, F_, Dz_};
-    std::vector<Ort::Value> in;
-    in.reserve(8 + cache_inputs_.size());
+    std::vector<Ort::Value>& in = step_in_;   // reused: its capacity was reserved at construction
+    in.clear();
     in.push_back(tensor(const_cast<float*>(x.user_speech), size_t(r) * F_ * Da_, speech.data(), 3));
     in.push_back(tensor(const_cast<float*>(x.user_motion), size_t(r) * F_ * 56, motion.data(), 3));
     in.push_back(tensor(const_cast<float*>(x.agent_speech), size_t(r) * F_ * Da_, speech.data(), 3));
@@ -155,13 +159,10 @@ class OrtBackend final : public Backend {
     // Input i of the cache is the block cache[i / 2][i % 2]: a view into the one buffer.
     const size_t block = size_t(r) * H_ * sp * hd_;
     for (size_t i = 0; i < cache_inputs_.size(); ++i) in.push_back(tensor(cache_.data() + i * block, block, past.data(), 4));
-    std::vector<const char*> in_names = {"user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
-                                         "uncond", "user_motion_absent", "past_turn_age"};
-    for (const std::string& n : cache_inputs_) in_names.push_back(n.c_str());
     std::array<Ort::Value, 2> out{tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
                                   tensor(present_.data(), present_.size(), present.data(), 6)};
     const char* out_names[] = {"z", "present_key_values"};
-    run(graph("encoder_step"), in_names.data(), in.data(), in.size(), out_names, out.data(), out.size());
+    run(graph("encoder_step"), step_in_names_.data(), in.data(), in.size(), out_names, out.data(), out.size());
   }
 
   void bind_z(const float* z, int n) override { z_.assign(z, z + size_t(n) * Dz_); }
@@ -215,9 +216,11 @@ class OrtBackend final : public Backend {
   int64_t F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_, D_;
   std::vector<const char*> graphs_;
   std::vector<std::string> cache_inputs_;
+  std::vector<const char*> step_in_names_;   // encoder_step's inputs in order; the last point into cache_inputs_
   Ort::MemoryInfo mem_;
   std::vector<Ort::Session> sessions_;
   std::vector<float> cache_, present_, z_;
+  std::vector<Ort::Value> step_in_;          // encoder_step's input values, views rebuilt each turn
 };
 
 }  // namespace

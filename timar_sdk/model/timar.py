@@ -196,12 +196,10 @@ class Timar(nn.Module):
         x = self.z_proj_ln(x + self.pos_embed)
         return x.reshape(b, t * self.cfg.tokens_per_turn, -1)
 
-    def _agent_outputs(self, h: torch.Tensor, turns: int) -> torch.Tensor:
-        """Final norm + diffusion positions; [B, T*P, D] -> z [B, T, F, D] at agent-motion slots."""
-        b = h.shape[0]
-        h = self.norm(h).reshape(b, turns, self.cfg.tokens_per_turn, -1) + self.diffusion_pos_embed
+    def _agent_outputs(self, h_agent: torch.Tensor) -> torch.Tensor:
+        """Final norm + diffusion positions of the agent-motion tokens: [..., F, D] -> z [..., F, D]."""
         start, end = self._agent
-        return h[:, :, start:end]
+        return self.norm(h_agent) + self.diffusion_pos_embed[start:end]
 
     # ---- the two forwards ----------------------------------------------------------------
     def forward_full(self, user_feats, user_motion, agent_feats, agent_motion, agent_mask,
@@ -215,7 +213,8 @@ class Timar(nn.Module):
         for block in self.blocks:
             bias = block.attn.bias_table()[:, col][None]                        # [1, H, N, N]
             x, _ = block(x, bias)
-        return self._agent_outputs(x, turns)
+        start, end = self._agent
+        return self._agent_outputs(x.reshape(x.shape[0], turns, self.cfg.tokens_per_turn, -1)[:, :, start:end])
 
     def forward_step(self, user_feats, user_motion, agent_feats, agent_motion, agent_mask,
                      user_uncond, user_absent, past_key_values, past_turn_age):
@@ -245,7 +244,7 @@ class Timar(nn.Module):
             last = layer == len(self.blocks) - 1
             x, present = block(x, bias, past_key_values[layer], slice(start, end) if last else None)
             presents.append(present)
-        return self.norm(x) + self.diffusion_pos_embed[start:end], torch.stack(presents)
+        return self._agent_outputs(x), torch.stack(presents)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
