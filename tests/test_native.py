@@ -1,7 +1,9 @@
 """The native runtime (runtime/): the C ABI tests, and the C++ runtime, the C# (Unity) bindings
 under Mono and the C++ example each give the Python Session's motion for the same conversation;
 the C++ runtime also on a window_recompute bundle (the authors' models: token window + running
-audio normalisation).
+audio normalisation). Through ctypes, the C ABI on tampered bundles (files outside the folder,
+manifest.sha256, the manifest's numbers) and on graphs rewritten to emit Inf/NaN (a turn that
+would commit them fails with TIMAR_ERR_NUMERIC and changes nothing); timar_wav's command line.
 
 Builds with scripts/build_native.sh (incremental: a no-op when runtime/build is up to date; set
 TIMAR_NATIVE_BUILD to use another build folder as it is). Skips, saying why, where cmake, npm
@@ -9,6 +11,8 @@ TIMAR_NATIVE_BUILD to use another build folder as it is). Skips, saying why, whe
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -43,14 +47,21 @@ def _skip_without_toolchain() -> None:
 
 
 def _build(asan: bool = False) -> Path:
+    """The build folder, brought up to date (an incremental make). A first build (minutes, and it
+    fetches the ONNX Runtime SDK) is not started from a test run: without one the test skips,
+    saying how to make it, unless TIMAR_BUILD_NATIVE=1 asks for it."""
     if not asan and os.environ.get("TIMAR_NATIVE_BUILD"):
         return Path(os.environ["TIMAR_NATIVE_BUILD"])
     _skip_without_toolchain()
+    folder = ROOT / "runtime" / ("build-asan" if asan else "build")
     cmd = ["bash", str(ROOT / "scripts" / "build_native.sh")] + (["--asan"] if asan else [])
+    if not (folder / "CMakeCache.txt").is_file() and os.environ.get("TIMAR_BUILD_NATIVE") != "1":
+        pytest.skip(f"native runtime not built: run `bash scripts/build_native.sh{' --asan' if asan else ''}` first "
+                    f"(or set TIMAR_BUILD_NATIVE=1 to build it from the tests)")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         pytest.fail(f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return ROOT / "runtime" / ("build-asan" if asan else "build")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -329,3 +340,308 @@ def test_c_abi_under_address_sanitizer(request, bundle, bad_bundle, kind):
     assert r.returncode == 0, report
     assert "Sanitizer" not in r.stderr, report
     assert r.stdout.strip().endswith(" 0 failed"), report
+
+
+# ---- the C ABI in process (ctypes): tampered bundles, numeric guard -------------------------
+class _Options(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_uint32), ("seed", ctypes.c_uint64),
+                ("temperature", ctypes.c_double), ("cfg", ctypes.c_double), ("history", ctypes.c_int32),
+                ("threads", ctypes.c_int32), ("context_turns", ctypes.c_int32), ("backend", ctypes.c_int32),
+                ("verify_hashes", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32)] + [(n, ctypes.c_int32) for n in (
+        "fps", "sample_rate", "frames_per_turn", "samples_per_turn", "motion_dim", "context_turns", "steps",
+        "history", "backend")] + [("temperature", ctypes.c_double), ("cfg", ctypes.c_double),
+                                  ("seed", ctypes.c_uint64), ("turns", ctypes.c_uint64)] + [
+        (n, ctypes.c_int32) for n in ("exp_begin", "exp_end", "jaw_begin", "jaw_end", "neck_begin", "neck_end")]
+
+
+TIMAR_ERR_BUNDLE, TIMAR_ERR_NUMERIC = 6, 12
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+class CApi:
+    """libtimar loaded with ctypes: create a session and run turns, keeping status and message."""
+
+    def __init__(self, build: Path):
+        self.lib = lib = ctypes.CDLL(str(build / "libtimar.so"))
+        lib.timar_last_error.restype = ctypes.c_char_p
+        lib.timar_session_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Options), ctypes.POINTER(ctypes.c_void_p)]
+        lib.timar_session_destroy.argtypes = [ctypes.c_void_p]
+        lib.timar_session_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
+        lib.timar_step.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_size_t, _F32P, ctypes.c_size_t, _F32P,
+                                   ctypes.c_size_t, _F32P, ctypes.c_size_t]
+        lib.timar_get_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                        ctypes.POINTER(ctypes.c_size_t)]
+
+    def error(self) -> str:
+        return self.lib.timar_last_error().decode("utf-8", "replace")
+
+    def create(self, bundle: Path) -> tuple[int, ctypes.c_void_p | None]:
+        o = _Options()
+        self.lib.timar_options_init(ctypes.byref(o))
+        o.seed, o.threads, o.backend = SEED, 1, 1   # TIMAR_BACKEND_ORT_CPU
+        s = ctypes.c_void_p()
+        status = self.lib.timar_session_create(str(bundle).encode(), ctypes.byref(o), ctypes.byref(s))
+        return status, (s if status == 0 else None)
+
+    def step(self, s, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray) -> tuple[int, np.ndarray]:
+        out = np.zeros((25, 56), np.float32)
+        ptr = lambda a: a.ctypes.data_as(_F32P) if a is not None else None  # noqa: E731
+        status = self.lib.timar_step(s, ptr(ua), len(ua), ptr(um), 0 if um is None else len(um), ptr(aa), len(aa),
+                                     ptr(out), 25)
+        return status, out
+
+    def turns(self, s) -> int:
+        info = _Info(struct_size=ctypes.sizeof(_Info))
+        assert self.lib.timar_session_info(s, ctypes.byref(info)) == 0, self.error()
+        return info.turns
+
+    def state(self, s) -> bytes:
+        n = ctypes.c_size_t()
+        assert self.lib.timar_get_state(s, None, 0, ctypes.byref(n)) == 0, self.error()
+        buf = ctypes.create_string_buffer(n.value)
+        assert self.lib.timar_get_state(s, buf, n, ctypes.byref(n)) == 0, self.error()
+        return buf.raw
+
+    def open_error(self, bundle: Path) -> tuple[int, str]:
+        """(status, message) of creating a session; a session that opens is closed again."""
+        status, s = self.create(bundle)
+        if s is not None:
+            self.lib.timar_session_destroy(s)
+        return status, self.error() if status else ""
+
+
+@pytest.fixture(scope="session")
+def capi(build) -> CApi:
+    return CApi(build)
+
+
+@pytest.fixture(scope="session")
+def bundle_copy(bundle, tmp_path_factory) -> Path:
+    """A copy of the bundle on the temporary file system, for hard links into tampered copies."""
+    path = tmp_path_factory.mktemp("native") / "base"
+    shutil.copytree(bundle, path)
+    return path
+
+
+def _tampered(base: Path, dest: Path, edit=None) -> Path:
+    """`base` hard-linked into `dest` with its manifest changed by edit(manifest, dest) and
+    written with a matching manifest.sha256 (so the check under test is the one behind it)."""
+    from timar_sdk.runtime.bundle import write_manifest
+
+    dest.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name not in ("manifest.json", "manifest.sha256"):
+            os.link(f, dest / f.name)
+    manifest = json.loads((base / "manifest.json").read_text())
+    if edit:
+        edit(manifest, dest)
+    write_manifest(dest, manifest)
+    return dest
+
+
+def _outside_file(base: Path, dest: Path) -> Path:
+    (dest.parent / "outside").mkdir(exist_ok=True)
+    target = dest.parent / "outside" / "denoiser.onnx"
+    if not target.exists():
+        os.link(base / "denoiser.onnx", target)
+    return target
+
+
+def _graph_file(value_of):
+    def edit(m, dest):
+        m["graphs"]["denoiser"]["file"] = value_of(dest)
+    return edit
+
+
+def _symlink(name: str, to_dir: bool):
+    def value_of(dest):
+        target = dest.parent / "outside"
+        (dest / name).symlink_to(target if to_dir else target / "denoiser.onnx")
+        return name + "/denoiser.onnx" if to_dir else name
+    return value_of
+
+
+PATH_CASES = {
+    "dotdot": (_graph_file(lambda d: "../outside/denoiser.onnx"), "graphs.denoiser.file"),
+    "absolute": (_graph_file(lambda d: str(d.parent / "outside" / "denoiser.onnx")), "graphs.denoiser.file"),
+    "symlink": (_graph_file(_symlink("link.onnx", False)), "resolves outside"),
+    "symlinked_dir": (_graph_file(_symlink("sub", True)), "resolves outside"),
+    "engine": (lambda m, d: m["engines"].append({"dir": "engines/x", "gpu": "X", "tensorrt": "10.0", "files": {
+        "denoiser": {"file": "../../../../../etc/passwd", "sha256": "0" * 64}}}), "engines[0].files.denoiser.file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATH_CASES))
+def test_bundle_files_stay_inside_the_folder(capi, bundle_copy, tmp_path, case):
+    """A manifest naming a file outside the bundle ('..', an absolute path, a symlink out, an
+    engine plan) is refused at load, naming the field, even when the file there is valid."""
+    edit, needle = PATH_CASES[case]
+    dest = tmp_path / "bundle"
+    _outside_file(bundle_copy, dest)
+    status, msg = capi.open_error(_tampered(bundle_copy, dest, edit))
+    assert status == TIMAR_ERR_BUNDLE and needle in msg, (status, msg)
+
+
+def _set(path: str, value):
+    def edit(m, dest):
+        *keys, last = path.split(".")
+        node = m
+        for k in keys:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        if isinstance(node, list):
+            node[int(last)] = value(node[int(last)]) if callable(value) else value
+        else:
+            node[last] = value(node[last]) if callable(value) else value
+    return edit
+
+
+MANIFEST_CASES = {
+    "std_zero": (_set("motion_std.3", 0.0), "motion_std: expected values > 0"),
+    "std_float32_overflow": (_set("motion_std.0", 1e39), "motion_std: expected 56 finite float32 values"),
+    "mean_float32_overflow": (_set("motion_mean.5", -1e39), "motion_mean: expected 56 finite float32 values"),
+    "alphas_not_decreasing": (lambda m, d: m["diffusion"]["alphas_cumprod"].__setitem__(
+        10, m["diffusion"]["alphas_cumprod"][9]), "diffusion.alphas_cumprod: expected"),
+    "alphas_one": (_set("diffusion.alphas_cumprod.0", 1.0), "diffusion.alphas_cumprod: expected"),
+    "samples_per_turn": (_set("samples_per_turn", 16001), "samples_per_turn: expected"),
+    "context_turns": (_set("context_turns", 9), "cache.slots: expected 8"),
+    "cache_tokens": (_set("cache.past_key_values_shape.4", 880), "cache.past_key_values_shape[4]: expected"),
+    "temperature_default": (_set("sampling.temperature", 50.0), "sampling.temperature: expected"),
+    "cfg_default": (_set("sampling.cfg", -1.0), "sampling.cfg: expected"),
+    "steps_default": (_set("sampling.steps", 5000), "sampling.steps: expected"),
+    "schema_version": (_set("schema_version", 1), "than this runtime reads (2)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
+def test_manifest_numbers_checked_at_load(capi, bundle_copy, tmp_path, case):
+    edit, needle = MANIFEST_CASES[case]
+    status, msg = capi.open_error(_tampered(bundle_copy, tmp_path / "bundle", edit))
+    assert status == TIMAR_ERR_BUNDLE and needle in msg and "manifest.json" in msg, (status, msg)
+
+
+def test_manifest_digest(capi, bundle_copy, tmp_path):
+    """manifest.json is covered by manifest.sha256: missing, a changed digit, or a binary file."""
+    ok = _tampered(bundle_copy, tmp_path / "ok")
+    assert capi.open_error(ok) == (0, "")
+    (ok / "manifest.sha256").write_text((ok / "manifest.sha256").read_text().strip() + "\r\n")
+    assert capi.open_error(ok) == (0, ""), "trailing whitespace of the sidecar is not part of the digest"
+
+    missing = _tampered(bundle_copy, tmp_path / "missing")
+    (missing / "manifest.sha256").unlink()
+    status, msg = capi.open_error(missing)
+    assert status == TIMAR_ERR_BUNDLE and "no manifest.sha256" in msg, msg
+
+    edited = _tampered(bundle_copy, tmp_path / "edited")
+    text = (edited / "manifest.json").read_text()
+    mean = json.loads(text)["motion_mean"][0]
+    changed = text.replace(repr(mean), repr(mean + 0.5), 1)
+    assert changed != text
+    (edited / "manifest.json").write_text(changed)
+    status, msg = capi.open_error(edited)
+    assert status == TIMAR_ERR_BUNDLE and "does not match manifest.sha256" in msg, msg
+
+    binary = _tampered(bundle_copy, tmp_path / "binary")
+    data = bytes(range(256)) * 4
+    (binary / "manifest.json").write_bytes(data)
+    (binary / "manifest.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    status, msg = capi.open_error(binary)
+    assert status == TIMAR_ERR_BUNDLE and "manifest.json" in msg and "UTF-8" in msg, msg
+
+
+def _poison_graph(path: Path, output: str, factor) -> None:
+    """Rewrite an ONNX graph so that `output` is multiplied by factor(graph) (a tensor name)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    for node in g.node:
+        node.output[:] = [o + "_raw" if o == output else o for o in node.output]
+    g.node.extend(factor(helper) + [helper.make_node("Mul", [output + "_raw", "poison"], [output])])
+    onnx.save(model, str(path))
+
+
+def _poisoned(base: Path, dest: Path, graph: str, output: str, factor) -> Path:
+    from timar_sdk.runtime.bundle import sha256_of
+
+    def edit(m, d):
+        (d / f"{graph}.onnx").unlink()
+        shutil.copy(base / f"{graph}.onnx", d / f"{graph}.onnx")
+        _poison_graph(d / f"{graph}.onnx", output, factor)
+        m["graphs"][graph]["sha256"] = sha256_of(d / f"{graph}.onnx")
+    return _tampered(base, dest, edit)
+
+
+def _inverse_of(name: str, shape: list[int]):
+    """poison = reshape(1 / (1 - name)) or 1 / name: Inf exactly where the input is 1 (or 0)."""
+    def nodes(helper):
+        from onnx import TensorProto
+        one = helper.make_tensor("poison_one", TensorProto.FLOAT, [], [1.0])
+        dims = helper.make_tensor("poison_shape", TensorProto.INT64, [len(shape)], shape)
+        body = [helper.make_node("Constant", [], ["poison_shape_c"], value=dims)]
+        if name == "t":
+            body.append(helper.make_node("Reciprocal", ["t"], ["poison_r"]))
+        else:
+            body += [helper.make_node("Constant", [], ["poison_one_c"], value=one),
+                     helper.make_node("Sub", ["poison_one_c", name], ["poison_d"]),
+                     helper.make_node("Reciprocal", ["poison_d"], ["poison_r"])]
+        return body + [helper.make_node("Reshape", ["poison_r", "poison_shape_c"], ["poison"])]
+    return nodes
+
+
+def test_non_finite_turn_is_not_committed(capi, bundle_copy, tmp_path):
+    """A model that puts Inf into the cache on untracked turns (and one whose motion is always
+    NaN): the turn fails with TIMAR_ERR_NUMERIC and nothing in the session changes; the next
+    good turn equals a session that never saw the failure."""
+    rng = np.random.default_rng(5)
+    ua, aa = [(rng.standard_normal(16000) * 0.2).astype(np.float32) for _ in range(2)]
+    um = (rng.standard_normal((25, 56)) * 0.3).astype(np.float32)
+    cache_bad = _poisoned(bundle_copy, tmp_path / "cache", "encoder_step", "present_key_values",
+                          _inverse_of("user_motion_absent", [1, 1, -1, 1, 1, 1]))
+    st, s = capi.create(cache_bad)
+    st_ref, ref = capi.create(cache_bad)
+    assert s is not None and ref is not None, capi.error()
+    try:
+        for sess in (s, ref):
+            assert capi.step(sess, ua, um, aa)[0] == 0, capi.error()
+        before = capi.state(s)
+        status, _ = capi.step(s, ua, None, aa)   # untracked: Inf keys/values, finite motion
+        assert status == TIMAR_ERR_NUMERIC and "NaN or Inf" in capi.error() and "cache" in capi.error(), capi.error()
+        assert capi.turns(s) == 1 and capi.state(s) == before
+        got, want = capi.step(s, ua, um, aa), capi.step(ref, ua, um, aa)
+        assert got[0] == want[0] == 0 and np.array_equal(got[1], want[1])
+    finally:
+        capi.lib.timar_session_destroy(s)
+        capi.lib.timar_session_destroy(ref)
+
+    motion_bad = _poisoned(bundle_copy, tmp_path / "motion", "denoiser", "model_output", _inverse_of("t", [-1, 1]))
+    st, s = capi.create(motion_bad)
+    assert s is not None, capi.error()
+    try:
+        before = capi.state(s)
+        status, _ = capi.step(s, ua, um, aa)
+        assert status == TIMAR_ERR_NUMERIC and "motion" in capi.error(), capi.error()
+        assert capi.turns(s) == 0 and capi.state(s) == before
+    finally:
+        capi.lib.timar_session_destroy(s)
+
+
+# ---- the C++ example's command line ------------------------------------------------------------
+def test_example_wav_command_line(build):
+    exe = build / "examples" / "timar_wav"
+    if not exe.exists():
+        pytest.skip("examples/cpp not built (TIMAR_BUILD_EXAMPLES=OFF)")
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: timar_wav" in r.stdout and "--user-motion" in r.stdout, r
+    r = subprocess.run([str(exe), "b", "u.wav", "a.wav", "o.npy", "--bogus", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option --bogus" in r.stderr and "usage:" in r.stderr, r
+    r = subprocess.run([str(exe), "b", "u.wav", "a.wav", "o.npy", "--seed"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--seed needs a value" in r.stderr, r
+    r = subprocess.run([str(exe), "b", "u.wav", "a.wav", "o.npy", "--seed", "x1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--seed" in r.stderr, r
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage:" in r.stderr, r

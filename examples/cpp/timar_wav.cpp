@@ -3,10 +3,15 @@
 //
 //   timar_wav BUNDLE_DIR USER.wav AGENT.wav OUT.npy [--user-motion USER.npy] [--seed N]
 //             [--cfg X] [--steps N] [--chunk SAMPLES]
+//   timar_wav --help | --version
 //
+// Exit status: 0 on success (and for --help / --version), 1 when a file or the bundle fails,
+// 2 for a wrong command line (the usage goes to stderr).
 // WAV: 16 kHz (the bundle's rate) PCM int16 or IEEE float32; several channels are averaged.
 // The audio is streamed through timar_feed in pieces of --chunk samples (default 320 = 20 ms,
 // as an audio callback would deliver it), then timar_flush finishes the last partial turn.
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -124,12 +129,51 @@ void check(timar_status s, const char* what) {
   if (s != TIMAR_OK) throw std::runtime_error(std::string(what) + ": " + timar_last_error());
 }
 
+void usage(FILE* f) {
+  std::fprintf(f,
+               "usage: timar_wav BUNDLE_DIR USER.wav AGENT.wav OUT.npy [options]\n"
+               "Drives the agent's head from two 16 kHz WAV files (PCM16 or float32; channels averaged)\n"
+               "and writes its motion as .npy [frames, 56] float32.\n"
+               "\n"
+               "options:\n"
+               "  --user-motion USER.npy  the user's tracked face, float32 [frames, 56] at 25 fps\n"
+               "  --seed N                seed of the generator (default 0)\n"
+               "  --cfg X                 classifier-free guidance 0..20 (default: the bundle's)\n"
+               "  --steps N               diffusion steps (default: the bundle's)\n"
+               "  --chunk SAMPLES         audio piece per timar_feed call (default 320 = 20 ms)\n"
+               "  -h, --help              this text\n"
+               "  --version               the library's version\n");
+}
+
+// A whole-string number, or exit 2 naming the option.
+bool parse_number(const std::string& option, const char* text, double* out, bool integer) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = integer ? double(std::strtoull(text, &end, 0)) : std::strtod(text, &end);
+  if (!*text || *end || errno || (integer && text[0] == '-')) {
+    std::fprintf(stderr, "timar_wav: %s: expected %s, got '%s'\n", option.c_str(),
+                 integer ? "a non-negative integer" : "a number", text);
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "-h") || !std::strcmp(argv[i], "--help")) {
+      usage(stdout);
+      return 0;
+    }
+    if (!std::strcmp(argv[i], "--version")) {
+      std::printf("timar_wav (libtimar %s)\n", timar_version());
+      return 0;
+    }
+  }
   if (argc < 5) {
-    std::fprintf(stderr, "usage: %s BUNDLE_DIR USER.wav AGENT.wav OUT.npy [--user-motion USER.npy] [--seed N] "
-                         "[--cfg X] [--steps N] [--chunk SAMPLES]\n", argv[0]);
+    usage(stderr);
     return 2;
   }
   if (timar_abi_version() != TIMAR_ABI_VERSION) {
@@ -140,17 +184,29 @@ int main(int argc, char** argv) {
   timar_options_init(&opt);
   std::string motion_path;
   size_t chunk = 320;
-  for (int i = 5; i + 1 < argc; i += 2) {
+  for (int i = 5; i < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--user-motion") motion_path = argv[i + 1];
-    else if (a == "--seed") opt.seed = std::strtoull(argv[i + 1], nullptr, 0);
-    else if (a == "--cfg") opt.cfg = std::atof(argv[i + 1]);
-    else if (a == "--steps") opt.steps = uint32_t(std::atoi(argv[i + 1]));
-    else if (a == "--chunk") chunk = std::strtoul(argv[i + 1], nullptr, 0);
-    else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+    const bool known = a == "--user-motion" || a == "--seed" || a == "--cfg" || a == "--steps" || a == "--chunk";
+    if (!known || i + 1 >= argc) {
+      std::fprintf(stderr, known ? "timar_wav: %s needs a value\n\n" : "timar_wav: unknown option %s\n\n", a.c_str());
+      usage(stderr);
       return 2;
     }
+    double v = 0;
+    if (a == "--user-motion") {
+      motion_path = argv[i + 1];
+      continue;
+    }
+    const bool integer = a != "--cfg";
+    if (!parse_number(a, argv[i + 1], &v, integer)) return 2;
+    if (a == "--seed") opt.seed = std::strtoull(argv[i + 1], nullptr, 0);   // exact beyond 2^53
+    else if (a == "--cfg") opt.cfg = v;
+    else if (a == "--steps") opt.steps = v > 4294967295.0 ? 4294967295u : uint32_t(v);
+    else if (a == "--chunk") chunk = size_t(v);
+  }
+  if (chunk == 0) {
+    std::fprintf(stderr, "timar_wav: --chunk: expected at least 1 sample\n");
+    return 2;
   }
   timar_session* session = nullptr;
   try {
@@ -162,6 +218,13 @@ int main(int argc, char** argv) {
     const std::vector<float> user_motion = motion_path.empty() ? std::vector<float>() : read_npy_motion(motion_path);
     const size_t D = TIMAR_MOTION_DIM, S = size_t(info.samples_per_turn), F = size_t(info.frames_per_turn);
     const size_t total = std::min(user.size(), agent.size()), motion_frames = user_motion.size() / D;
+    if (user.size() != agent.size())
+      std::fprintf(stderr, "timar_wav: note: the WAV files differ in length (%zu and %zu samples); using the first %zu\n",
+                   user.size(), agent.size(), total);
+    const size_t audio_frames = total * F / S;
+    if (motion_frames && motion_frames < audio_frames)
+      std::fprintf(stderr, "timar_wav: note: %s has %zu frames, the audio %zu; its last frame is repeated\n",
+                   motion_path.c_str(), motion_frames, audio_frames);
     std::vector<float> out, buf;
     size_t sent_frames = 0;
     for (size_t pos = 0; pos < total; pos += chunk) {
@@ -177,9 +240,16 @@ int main(int argc, char** argv) {
       sent_frames += nm;
       out.insert(out.end(), buf.begin(), buf.begin() + std::ptrdiff_t(frames * D));
     }
+    // The last partial turn; more than one turn when the user motion ended before the audio
+    // (flush then asks for room for every buffered turn).
     buf.resize(F * D);
     size_t frames = 0;
-    check(timar_flush(session, buf.data(), F, &frames), "flush");
+    timar_status st = timar_flush(session, buf.data(), F, &frames);
+    if (st == TIMAR_ERR_BUFFER_TOO_SMALL) {
+      buf.resize(frames * D);
+      st = timar_flush(session, buf.data(), frames, &frames);
+    }
+    check(st, "flush");
     out.insert(out.end(), buf.begin(), buf.begin() + std::ptrdiff_t(frames * D));
     write_npy(argv[4], out);
     std::printf("%s: %zu frames (%.2f s at %d fps) on %s\n", argv[4], out.size() / D,

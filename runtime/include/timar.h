@@ -15,9 +15,15 @@
  *  - A failed call leaves the session exactly as it was (nothing is buffered, no turn is
  *    committed, the generator does not advance).
  *  - Audio: mono float32 samples in [-1, 1] at the bundle's sample rate (16000 Hz); convert
- *    16-bit PCM with timar_pcm16_to_float(). Lengths are in samples.
- *  - Motion: row-major frames of TIMAR_MOTION_DIM floats, raw FLAME values. Lengths and
- *    capacities are in frames (1 frame = TIMAR_MOTION_DIM floats).
+ *    16-bit PCM with timar_pcm16_to_float(). Lengths are in samples. Every sample must be
+ *    finite (else TIMAR_ERR_NOT_FINITE) with |x| <= TIMAR_AUDIO_LIMIT (else
+ *    TIMAR_ERR_INVALID_ARGUMENT; the message gives the largest |x| and where it is).
+ *  - Motion: row-major frames of TIMAR_MOTION_DIM floats, raw FLAME values, each finite with
+ *    |x| <= TIMAR_MOTION_LIMIT (same errors). Lengths and capacities are in frames
+ *    (1 frame = TIMAR_MOTION_DIM floats); a frame count whose float count overflows size_t is
+ *    refused with TIMAR_ERR_INVALID_ARGUMENT.
+ *  - A turn whose motion, or what it would add to the session (new cache entries, tokens),
+ *    holds NaN or Inf is not committed: TIMAR_ERR_NUMERIC, and the session is unchanged.
  *  - Output buffers belong to the caller; their capacity is passed in and checked.
  *  - No C++ types and no exceptions cross this interface.
  *
@@ -57,6 +63,14 @@ extern "C" {
 #define TIMAR_ABI_VERSION 1
 #define TIMAR_MOTION_DIM 56
 
+/* Input bounds: what a real microphone and face tracker can send (timar_sdk.layout.AUDIO_LIMIT
+ * and MOTION_LIMIT in Python). Audio full scale is 1.0; 4.0 leaves 12 dB for float DSP
+ * overshoot, and larger values are int16 numbers passed as float, or garbage. Motion values are
+ * FLAME expression coefficients and axis-angle radians, which trackers keep within a few units.
+ * Larger finite values would drive the model to NaN; they are refused, never clipped. */
+#define TIMAR_AUDIO_LIMIT 4.0f
+#define TIMAR_MOTION_LIMIT 20.0f
+
 typedef enum timar_status {
   TIMAR_OK = 0,
   TIMAR_ERR_NULL_POINTER = 1,       /* a required pointer was NULL                           */
@@ -69,7 +83,8 @@ typedef enum timar_status {
   TIMAR_ERR_BACKEND = 8,            /* ONNX Runtime / TensorRT / CUDA reported an error      */
   TIMAR_ERR_STATE = 9,              /* a state blob not from this bundle and settings        */
   TIMAR_ERR_OUT_OF_MEMORY = 10,
-  TIMAR_ERR_INTERNAL = 11
+  TIMAR_ERR_INTERNAL = 11,
+  TIMAR_ERR_NUMERIC = 12            /* the model produced NaN or Inf; the session is unchanged */
 } timar_status;
 
 typedef enum timar_backend {
@@ -88,17 +103,18 @@ typedef enum timar_history {
 /* Session settings. Always fill with timar_options_init() first, then change fields. */
 typedef struct timar_options {
   uint32_t struct_size;   /* sizeof(timar_options), set by timar_options_init               */
-  uint32_t steps;         /* diffusion steps 1..1000; 0 = the bundle's default              */
-  uint64_t seed;          /* seed of the portable Philox generator                           */
-  double temperature;     /* >= 0; NaN = the bundle's default                                */
-  double cfg;             /* classifier-free guidance, finite; NaN = the bundle's default;
+  uint32_t steps;         /* diffusion steps 1..num_train_steps (1000); 0 = the bundle's default */
+  uint64_t seed;          /* seed of the portable Philox generator (any value)               */
+  double temperature;     /* 0..10; NaN = the bundle's default                               */
+  double cfg;             /* classifier-free guidance 0..20; NaN = the bundle's default;
                              1 = off, anything else runs a second (unconditional) row        */
   int32_t history;        /* timar_history                                                   */
-  int32_t threads;        /* intra-op threads; 0 = the backend's default                     */
+  int32_t threads;        /* intra-op threads 1..(CPUs available to the process);
+                             0 = the backend's default                                       */
   int32_t context_turns;  /* past turns kept visible 0..W-1; -1 = all (W-1)                  */
   int32_t backend;        /* timar_backend                                                   */
   int32_t verify_hashes;  /* nonzero (default): check every file's sha256 against the manifest */
-  int32_t device_id;      /* GPU index for CUDA / TensorRT                                   */
+  int32_t device_id;      /* GPU index for CUDA / TensorRT (>= 0)                            */
 } timar_options;
 
 /* What a session runs; filled by timar_session_info(). */
@@ -135,7 +151,10 @@ TIMAR_API const char* timar_last_error(void);
 TIMAR_API void timar_options_init(timar_options* options);
 
 /* ---- session ---------------------------------------------------------------------------- */
-/* Open a bundle folder (UTF-8 path) and load its graphs. options may be NULL (defaults). */
+/* Open a bundle folder (UTF-8 path) and load its graphs. options may be NULL (defaults).
+ * Always checks manifest.json against manifest.sha256 (the bundle's id), the manifest's
+ * numbers and consistency, and that every file it names stays inside the folder; with
+ * verify_hashes, every graph file's sha256 too. Options out of range: TIMAR_ERR_INVALID_ARGUMENT. */
 TIMAR_API timar_status timar_session_create(const char* bundle_dir, const timar_options* options,
                                             timar_session** out_session);
 /* NULL is ignored. */
@@ -175,16 +194,24 @@ TIMAR_API timar_status timar_feed_frames(const timar_session* session, size_t us
                                          size_t user_motion_frames, size_t agent_audio_samples,
                                          size_t* out_frames);
 
-/* Finish a trailing partial turn: pads the buffered audio with silence (and user motion with
- * its last frame), runs it, returns only the frames the real audio covers (0..frames_per_turn)
- * and empties the buffers. out_motion: capacity >= frames_per_turn frames. */
+/* Finish the stream: runs every buffered turn, the last one padded with silence, and returns
+ * the frames the real audio covers (what both audio streams hold: frames_per_turn per whole
+ * turn, then floor(samples * fps / sample_rate) of a partial one), then empties the buffers.
+ * A tracked user's motion is padded with the last frame fed, also when none is buffered.
+ * Buffered audio holds more than one turn only when user motion lagged behind it: then
+ * out_motion needs more than frames_per_turn frames; if it is too small nothing is consumed:
+ * TIMAR_ERR_BUFFER_TOO_SMALL, and *out_frames receives the frames needed. */
 TIMAR_API timar_status timar_flush(timar_session* session, float* out_motion,
                                    size_t out_capacity_frames, size_t* out_frames);
 
 /* Snapshot (cache and ring ages, or for window_recompute bundles the past turns' tokens and the
  * audio statistics; generator counter, turn count, stream buffers) as an opaque byte blob, to
- * fork or restore later on a session of the same bundle and cfg setting.
- * Call with buffer NULL to get the size in *out_size; the size changes as buffers fill. */
+ * fork or restore later on a session of the same bundle (manifest digest) and settings (seed,
+ * steps, temperature, cfg, history, context_turns).
+ * Call with buffer NULL to get the size in *out_size; the size changes as buffers fill.
+ * timar_set_state checks the whole blob before it changes anything (size, header, bundle,
+ * settings, a valid ring state, finite cache/tokens and buffers) and applies all of it or
+ * nothing; a blob of other settings is refused with TIMAR_ERR_STATE naming the setting. */
 TIMAR_API timar_status timar_get_state(const timar_session* session, void* buffer,
                                        size_t capacity, size_t* out_size);
 TIMAR_API timar_status timar_set_state(timar_session* session, const void* buffer, size_t size);
@@ -193,7 +220,7 @@ TIMAR_API timar_status timar_set_state(timar_session* session, const void* buffe
 /* 16-bit PCM -> float32 in [-1, 1) (x / 32768), as the Python runtime converts int16 audio. */
 TIMAR_API timar_status timar_pcm16_to_float(const int16_t* pcm, size_t samples, float* out);
 
-/* The portable generator (DESIGN.md 4.1), exposed for cross-language tests:
+/* The portable generator (docs/DESIGN.md 4.1), exposed for cross-language tests:
  * Philox4x32-10 of one block: counter c[4] (c[0] least significant), key k[2] -> out[4]. */
 TIMAR_API void timar_philox4x32_10(const uint32_t counter[4], const uint32_t key[2],
                                    uint32_t out[4]);

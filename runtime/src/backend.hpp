@@ -73,6 +73,8 @@ class Backend {
   // cached bundles: the cache [L, 2, rows, H, (W-1)*P, hd]: zero it; write the pending turn's row 0 into
   // `slot` of every row; read / write one slot (for undo); the whole cache to / from the host.
   virtual void clear_cache() = 0;
+  // Are the pending turn's keys/values (row 0: what commit writes) all finite?
+  virtual bool pending_finite() = 0;
   virtual void commit(int slot) = 0;
   virtual void read_slot(int slot, std::vector<float>& out) = 0;
   virtual void write_slot(int slot, const std::vector<float>& in) = 0;
@@ -92,6 +94,8 @@ std::unique_ptr<Backend> make_trt_backend(const Bundle& b, const BackendConfig& 
 // Shared helper: copy row 0 of present [L, 2, R, H, P, hd] into slot `slot` of every row of
 // cache [L, 2, R, H, S*P, hd] (host memory).
 void host_commit(const float* present, float* cache, int L, int R, int H, int S, int P, int hd, int slot);
+// Are row 0's blocks of present [L, 2, R, H, P, hd] (host memory) all finite?
+bool host_row0_finite(const float* present, int L, int R, int H, int P, int hd);
 void host_read_slot(const float* cache, float* out, int L, int R, int H, int S, int P, int hd, int slot);
 void host_write_slot(float* cache, const float* in, int L, int R, int H, int S, int P, int hd, int slot);
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 
@@ -24,6 +25,16 @@ void host_commit(const float* present, float* cache, int L, int R, int H, int S,
         float* dst = cache + ((size_t(l) * R + r) * H + h) * (size_t(S) * block) + size_t(slot) * block;
         std::memcpy(dst, src, block * sizeof(float));
       }
+}
+
+bool host_row0_finite(const float* present, int L, int R, int H, int P, int hd) {
+  const size_t row = size_t(H) * P * hd;   // one (l, kv) block of row 0
+  for (int lk = 0; lk < L * 2; ++lk) {
+    const float* p = present + size_t(lk) * R * row;
+    for (size_t i = 0; i < row; ++i)
+      if (!std::isfinite(p[i])) return false;
+  }
+  return true;
 }
 
 void host_read_slot(const float* cache, float* out, int L, int R, int H, int S, int P, int hd, int slot) {
@@ -181,6 +192,7 @@ class OrtBackend final : public Backend {
   }
 
   void clear_cache() override { std::fill(cache_.begin(), cache_.end(), 0.0f); }
+  bool pending_finite() override { return host_row0_finite(present_.data(), L_, rows_, H_, P_, hd_); }
   void commit(int slot) override { host_commit(present_.data(), cache_.data(), L_, rows_, H_, slots_, P_, hd_, slot); }
   void read_slot(int slot, std::vector<float>& out) override {
     out.resize(size_t(L_) * 2 * rows_ * H_ * P_ * hd_);

@@ -241,6 +241,17 @@ class TrtBackend final : public Backend {
     sync();
   }
 
+  // Row 0 of present (what commit writes) to the host, then checked there.
+  bool pending_finite() override {
+    const size_t row = size_t(H_) * size_t(P_) * size_t(hd_);
+    present_host_.resize(size_t(L_) * 2 * row);
+    for (int64_t lk = 0; lk < L_ * 2; ++lk)
+      cuda_check(cudaMemcpyAsync(present_host_.data() + size_t(lk) * row, present_.f() + size_t(lk * rows_) * row,
+                                 row * sizeof(float), cudaMemcpyDeviceToHost, stream_), "pending_finite");
+    sync();
+    return host_row0_finite(present_host_.data(), int(L_), 1, int(H_), int(P_), int(hd_));
+  }
+
   // present [L, 2, R, H, P, hd] row 0 -> cache [L, 2, R, H, S*P, hd] slot `slot`, every row:
   // per (layer, k/v, row) one 2-D copy of H blocks of P*hd floats.
   void commit(int slot) override {
@@ -324,6 +335,7 @@ class TrtBackend final : public Backend {
   DeviceBuffer wave_, feats_, user_speech_, agent_speech_, user_motion_, agent_motion_, agent_mask_, uncond_, absent_,
       ages_, cache_, present_, z_, x_, t_, out_;
   std::vector<int32_t> ages32_;
+  std::vector<float> present_host_;   // pending_finite's copy of present row 0
 };
 
 }  // namespace

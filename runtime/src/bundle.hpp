@@ -1,5 +1,7 @@
-// Reading a bundle (DESIGN.md section 3): manifest.json checked field by field, every graph file
-// present and matching its sha256. Mirrors timar_sdk/runtime/bundle.py.
+// Reading a bundle (docs/DESIGN.md section 3): manifest.json's bytes checked against manifest.sha256,
+// then field by field (numbers and their consistency), every file it names kept inside the
+// bundle folder, every graph file present and matching its sha256. Mirrors
+// timar_sdk/runtime/bundle.py.
 #pragma once
 
 #include <cstdint>
@@ -10,12 +12,17 @@
 
 namespace timar {
 
+// Ranges of the sampling settings (the manifest's defaults and the session options alike), as
+// timar_sdk.runtime.bundle.TEMPERATURE_RANGE and CFG_RANGE.
+constexpr double kTemperatureMax = 10.0;
+constexpr double kCfgMax = 20.0;
+
 struct BundleError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
 struct EngineFile {
-  std::string path;     // absolute (bundle dir joined)
+  std::string path;     // bundle dir joined (checked to stay inside it)
   std::string sha256;
 };
 
@@ -26,6 +33,7 @@ struct EngineSet {
 
 struct Bundle {
   std::string dir;
+  std::string id;                 // sha256 of manifest.json's bytes (lowercase hex): what state blobs name
   int fps = 0, sample_rate = 0, frames = 0, samples = 0, motion_dim = 0;
   int context_turns = 0;          // W
   int tokens_per_turn = 0;        // P

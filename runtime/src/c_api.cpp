@@ -95,6 +95,7 @@ const char* timar_status_string(timar_status s) {
     case TIMAR_ERR_STATE: return "bad state blob";
     case TIMAR_ERR_OUT_OF_MEMORY: return "out of memory";
     case TIMAR_ERR_INTERNAL: return "internal error";
+    case TIMAR_ERR_NUMERIC: return "NaN or Inf in the model's output";
   }
   return "unknown status";
 }
@@ -194,7 +195,12 @@ timar_status timar_flush(timar_session* s, float* out, size_t cap, size_t* out_f
     TIMAR_REQUIRE(s, "session");
     TIMAR_REQUIRE(out_frames, "out_frames");
     *out_frames = 0;
-    *out_frames = s->impl.flush(out, cap);
+    try {
+      *out_frames = s->impl.flush(out, cap);
+    } catch (const timar::Error& e) {
+      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl.flush_frames();
+      throw;
+    }
   });
 }
 

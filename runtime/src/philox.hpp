@@ -1,4 +1,4 @@
-// The portable generator of DESIGN.md 4.1: Philox4x32-10 + Box-Muller, bit for bit the Python
+// The portable generator of docs/DESIGN.md 4.1: Philox4x32-10 + Box-Muller, bit for bit the Python
 // timar_sdk.runtime.rng.PhiloxNormal (see its module docstring for the stream rule).
 #pragma once
 

@@ -1,4 +1,4 @@
-// The respaced Gaussian-diffusion sampler (DESIGN.md section 1), as timar_sdk/sampler.py:
+// The respaced Gaussian-diffusion sampler (docs/DESIGN.md section 1), as timar_sdk/sampler.py:
 // tables in float64, then float32 math per step.
 #pragma once
 
@@ -31,7 +31,7 @@ struct SamplerWorkspace {
 };
 
 // One turn's motion in normalised space, x [frames, 56]. rows_z = frames (cfg == 1) or
-// 2 * frames (conditional rows, then unconditional). Draws the noise of DESIGN.md 4.1.
+// 2 * frames (conditional rows, then unconditional). Draws the noise of docs/DESIGN.md 4.1.
 void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
                  double temperature, double cfg, float* x_out, SamplerWorkspace& ws);
 

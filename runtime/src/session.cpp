@@ -2,9 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include "error.hpp"
 
@@ -16,6 +21,47 @@ std::string num(double v) {
   std::snprintf(b, sizeof b, "%g", v);
   return b;
 }
+std::string num17(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.17g", v);
+  return b;
+}
+
+// CPUs this process may run on (its affinity mask on Linux), at least 1.
+int cpus_available() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+  return std::max(1, int(std::thread::hardware_concurrency()));
+}
+
+// n values: the index of the first NaN/Inf (nan_at, SIZE_MAX if none), else the largest |x|
+// (worst) and its index (worst_at).
+struct Scan {
+  size_t nan_at = SIZE_MAX, worst_at = 0;
+  float worst = 0.0f;
+};
+Scan scan(const float* x, size_t n) {
+  Scan s;
+  for (size_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!std::isfinite(a)) {
+      s.nan_at = i;
+      return s;
+    }
+    if (a > s.worst) s.worst = a, s.worst_at = i;
+  }
+  return s;
+}
+bool all_finite(const float* x, size_t n) { return scan(x, n).nan_at == SIZE_MAX; }
+bool all_within(const float* x, size_t n, float limit) {
+  const Scan s = scan(x, n);
+  return s.nan_at == SIZE_MAX && s.worst <= limit;
+}
+
+// Whole units of `per` in have + more, without overflow.
+size_t whole(size_t have, size_t more, size_t per) { return have / per + more / per + (have % per + more % per) / per; }
 
 int pick_backend(const Bundle& b, int wanted) {
   (void)b;
@@ -40,15 +86,18 @@ Session::Session(const std::string& dir, const timar_options& o) {
   const Bundle& b = bundle_;
   seed_ = o.seed;
   const int T = int(b.alphas_cumprod.size());
-  steps_ = o.steps == 0 ? b.default_steps : int(std::min<uint32_t>(o.steps, 1u << 30));
-  if (steps_ < 1 || steps_ > T)
-    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "steps: expected an integer in 1.." + std::to_string(T) + ", got " +
-                                                std::to_string(o.steps));
+  if (o.steps > uint32_t(T))
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "steps: expected an integer in 1.." + std::to_string(T) +
+                                                " (0 = the bundle's default), got " + std::to_string(o.steps));
+  steps_ = o.steps == 0 ? b.default_steps : int(o.steps);
   temperature_ = std::isnan(o.temperature) ? b.default_temperature : o.temperature;
-  if (!(temperature_ >= 0))
-    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "temperature: expected a number >= 0, got " + num(o.temperature));
+  if (!(temperature_ >= 0 && temperature_ <= kTemperatureMax))
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "temperature: expected a number in 0.." + num(kTemperatureMax) +
+                                                " (NaN = the bundle's default), got " + num(o.temperature));
   cfg_ = std::isnan(o.cfg) ? b.default_cfg : o.cfg;
-  if (!std::isfinite(cfg_)) throw Error(TIMAR_ERR_INVALID_ARGUMENT, "cfg: expected a finite number, got " + num(o.cfg));
+  if (!(cfg_ >= 0 && cfg_ <= kCfgMax))
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "cfg: expected a number in 0.." + num(kCfgMax) +
+                                                " (NaN = the bundle's default), got " + num(o.cfg));
   switch (o.history) {
     case TIMAR_HISTORY_DEFAULT: feedback_ = b.history == "feedback"; break;
     case TIMAR_HISTORY_MASKED: feedback_ = false; break;
@@ -66,7 +115,12 @@ Session::Session(const std::string& dir, const timar_options& o) {
                                                 std::to_string(b.context_turns - 1) + ", got " +
                                                 std::to_string(o.context_turns));
   visible_ = o.context_turns;
-  if (o.threads < 0) throw Error(TIMAR_ERR_INVALID_ARGUMENT, "threads: expected >= 0, got " + std::to_string(o.threads));
+  const int cpus = cpus_available();
+  if (o.threads < 0 || o.threads > cpus)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "threads: expected 0 (the backend's default) or 1.." + std::to_string(cpus) +
+                                                " (the CPUs available to this process), got " + std::to_string(o.threads));
+  if (o.device_id < 0)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "device_id: expected a GPU index >= 0, got " + std::to_string(o.device_id));
   if (o.backend < TIMAR_BACKEND_AUTO || o.backend > TIMAR_BACKEND_TENSORRT)
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(o.backend));
   if (window_ && o.backend == TIMAR_BACKEND_TENSORRT)
@@ -117,6 +171,10 @@ Session::Session(const std::string& dir, const timar_options& o) {
     tokens_.resize(R * turn_token_floats());
     window_buf_.resize(R * size_t(b.context_turns) * turn_token_floats());
   }
+  pad_ua_.resize(size_t(b.samples));
+  pad_aa_.resize(size_t(b.samples));
+  pad_um_.resize(F * 56);
+  turn_motion_.resize(F * 56);
   reset();
 }
 
@@ -153,6 +211,7 @@ void Session::reset() {
   buf_aa_.clear();
   buf_um_.clear();
   tracked_ = false;
+  last_um_.fill(0.0f);
   turns_ = 0;
 }
 
@@ -166,10 +225,15 @@ void Session::check_audio(const float* a, size_t n, const char* name, bool exact
                                               " samples (one turn at " + std::to_string(bundle_.sample_rate) +
                                               " Hz), got " + std::to_string(n) + "; use timar_feed() for other lengths");
   }
-  for (size_t i = 0; i < n; ++i)
-    if (!std::isfinite(a[i]))
-      throw Error(TIMAR_ERR_NOT_FINITE, std::string(name) + ": expected finite samples, found NaN or Inf at sample " +
-                                            std::to_string(i));
+  const Scan s = scan(a, n);
+  if (s.nan_at != SIZE_MAX)
+    throw Error(TIMAR_ERR_NOT_FINITE, std::string(name) + ": expected finite samples, found NaN or Inf at sample " +
+                                          std::to_string(s.nan_at));
+  if (s.worst > TIMAR_AUDIO_LIMIT)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, std::string(name) + ": expected samples within +-" + num(TIMAR_AUDIO_LIMIT) +
+                                                " (TIMAR_AUDIO_LIMIT; full scale is 1), the largest |x| is " + num(s.worst) +
+                                                " at sample " + std::to_string(s.worst_at) +
+                                                "; convert 16-bit PCM with timar_pcm16_to_float()");
 }
 
 void Session::check_motion(const float* m, size_t frames, const char* name, bool exact) const {
@@ -179,11 +243,19 @@ void Session::check_motion(const float* m, size_t frames, const char* name, bool
                                             " frames (one turn) of " + std::to_string(TIMAR_MOTION_DIM) +
                                             " floats, got " + std::to_string(frames) +
                                             " frames; pass NULL with 0 frames when the user's face is not tracked");
-  for (size_t i = 0; i < frames * TIMAR_MOTION_DIM; ++i)
-    if (!std::isfinite(m[i]))
-      throw Error(TIMAR_ERR_NOT_FINITE, std::string(name) + ": contains NaN or Inf (frame " +
-                                            std::to_string(i / TIMAR_MOTION_DIM) + ", channel " +
-                                            std::to_string(i % TIMAR_MOTION_DIM) + ")");
+  if (frames > SIZE_MAX / TIMAR_MOTION_DIM)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, std::string(name) + ": " + std::to_string(frames) + " frames of " +
+                                                std::to_string(TIMAR_MOTION_DIM) + " floats overflow size_t");
+  const Scan s = scan(m, frames * TIMAR_MOTION_DIM);
+  if (s.nan_at != SIZE_MAX)
+    throw Error(TIMAR_ERR_NOT_FINITE, std::string(name) + ": contains NaN or Inf (frame " +
+                                          std::to_string(s.nan_at / TIMAR_MOTION_DIM) + ", channel " +
+                                          std::to_string(s.nan_at % TIMAR_MOTION_DIM) + ")");
+  if (s.worst > TIMAR_MOTION_LIMIT)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, std::string(name) + ": expected values within +-" + num(TIMAR_MOTION_LIMIT) +
+                                                " (TIMAR_MOTION_LIMIT), the largest |x| is " + num(s.worst) + " (frame " +
+                                                std::to_string(s.worst_at / TIMAR_MOTION_DIM) + ", channel " +
+                                                std::to_string(s.worst_at % TIMAR_MOTION_DIM) + ")");
 }
 
 static void check_capacity(const float* out, size_t cap, size_t need) {
@@ -272,7 +344,25 @@ Session::Pending Session::run_turn(const float* ua, const float* um, const float
     backend_->encoder_step(step_inputs(), z_.data());
   }
   for (size_t i = 0; i < F * D; ++i) motion[i] = x_[i] * b.motion_std[i % D] + b.motion_mean[i % D];
+  check_turn_finite(p, motion);
   return p;
+}
+
+// Nothing non-finite may enter the session: a turn whose motion, new cache entries or tokens (or
+// audio statistics) hold NaN/Inf is refused before its commit.
+void Session::check_turn_finite(const Pending& p, const float* motion) const {
+  const char* where = nullptr;
+  if (!all_finite(motion, size_t(bundle_.frames) * 56))
+    where = "the motion";
+  else if (window_ && !all_finite(tokens_.data(), turn_token_floats()))
+    where = "the turn's tokens";
+  else if (window_ && !(std::isfinite(p.user.sum_sq) && std::isfinite(p.agent.sum_sq)))
+    where = "the audio statistics";
+  else if (!window_ && !backend_->pending_finite())
+    where = "the turn's cache entries";
+  if (where)
+    throw Error(TIMAR_ERR_NUMERIC, std::string("the model produced NaN or Inf (in ") + where +
+                                       "); the turn is not committed and the session is unchanged");
 }
 
 StepInputs Session::step_inputs() {
@@ -374,8 +464,10 @@ void Session::step(const float* ua, size_t ua_n, const float* um, size_t um_n, c
 size_t Session::feed_frames(size_t ua_n, size_t um_n, size_t aa_n) const {
   const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames);
   const bool tracked = tracked_ || um_n > 0;
-  size_t k = std::min((buf_ua_.size() + ua_n) / S, (buf_aa_.size() + aa_n) / S);
-  if (tracked) k = std::min(k, (buf_um_.size() / 56 + um_n) / F);
+  size_t k = std::min(whole(buf_ua_.size(), ua_n, S), whole(buf_aa_.size(), aa_n, S));
+  if (tracked) k = std::min(k, whole(buf_um_.size() / 56, um_n, F));
+  if (k > SIZE_MAX / F)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "feed: these lengths complete more frames than size_t counts");
   return k * F;
 }
 
@@ -391,39 +483,22 @@ size_t Session::feed(const float* ua, size_t ua_n, const float* um, size_t um_n,
   // Append in place; on failure the buffers are cut back to their old sizes.
   const size_t n_ua0 = buf_ua_.size(), n_aa0 = buf_aa_.size(), n_um0 = buf_um_.size();
   const bool tracked0 = tracked_;
-  // Undo log for the turns committed by this call (only needed when a later one fails): the
-  // cache slots it overwrites, or a copy of the token window.
-  std::vector<int> ages0;
-  if (turns) ages0 = ages_;
-  TokenWindow win0;
-  if (window_ && turns >= 2) win0 = win_;
-  const PhiloxNormal noise0 = noise_;
-  const uint64_t turns0 = turns_;
-  std::vector<std::pair<int, std::vector<float>>> undo;
+  const std::array<float, 56> last0 = last_um_;
   try {
     if (ua_n) buf_ua_.insert(buf_ua_.end(), ua, ua + ua_n);
     if (aa_n) buf_aa_.insert(buf_aa_.end(), aa, aa + aa_n);
-    if (um_n) buf_um_.insert(buf_um_.end(), um, um + um_n * D);
-    tracked_ = tracked_ || um_n > 0;
-    for (size_t t = 0; t < turns; ++t) {
-      Pending p = run_turn(buf_ua_.data() + t * S, tracked_ ? buf_um_.data() + t * F * D : nullptr,
-                           buf_aa_.data() + t * S, out + t * F * D);
-      if (!window_ && t + 1 < turns && next_slot() >= 0) {   // a later turn may still fail: keep what we overwrite
-        undo.emplace_back(next_slot(), std::vector<float>());
-        backend_->read_slot(undo.back().first, undo.back().second);
-      }
-      commit_turn(p);
+    if (um_n) {
+      buf_um_.insert(buf_um_.end(), um, um + um_n * D);
+      std::copy_n(um + (um_n - 1) * D, D, last_um_.begin());
+      tracked_ = true;
     }
+    run_buffered(turns, false, out, need);
   } catch (...) {
-    for (auto it = undo.rbegin(); it != undo.rend(); ++it) backend_->write_slot(it->first, it->second);
-    if (turns) ages_ = ages0;
-    if (window_ && turns >= 2) win_.swap(win0);
-    noise_ = noise0;
-    turns_ = turns0;
     buf_ua_.resize(n_ua0);
     buf_aa_.resize(n_aa0);
     buf_um_.resize(n_um0);
     tracked_ = tracked0;
+    last_um_ = last0;
     throw;
   }
   buf_ua_.erase(buf_ua_.begin(), buf_ua_.begin() + std::ptrdiff_t(turns * S));
@@ -432,51 +507,96 @@ size_t Session::feed(const float* ua, size_t ua_n, const float* um, size_t um_n,
   return need;
 }
 
-size_t Session::flush(float* out, size_t cap) {
+// Turn t reads audio [t*S, (t+1)*S) of both streams and, when the user is tracked, motion frames
+// [t*F, (t+1)*F). With `pad` (flush), audio past a buffer's end is silence and motion past its
+// end repeats the last frame fed. Turn t's frames go to out [t*F, (t+1)*F), cut at out_frames.
+// If a turn fails, the turns this call committed are undone (the cache slots they overwrote, or
+// the token window; the generator and the turn count) and the error is rethrown.
+void Session::run_buffered(size_t turns, bool pad, float* out, size_t out_frames) {
+  if (!turns) return;
   const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames), D = 56;
+  const std::vector<int> ages0 = ages_;
+  TokenWindow win0;
+  if (window_ && turns >= 2) win0 = win_;
+  const PhiloxNormal noise0 = noise_;
+  const uint64_t turns0 = turns_;
+  std::vector<std::pair<int, std::vector<float>>> undo;
+  // Turn t of a buffer of `have` values, `per` a turn: in place when whole, else copied to
+  // `scratch` and completed with `fill` (zeros, or repeats of the last motion frame).
+  const auto turn_of = [&](const std::vector<float>& buf, size_t t, size_t per, std::vector<float>& scratch,
+                           const float* fill, size_t fill_n) -> const float* {
+    const size_t begin = t * per, have = buf.size() > begin ? std::min(per, buf.size() - begin) : 0;
+    if (have == per) return buf.data() + begin;
+    std::copy_n(buf.begin() + std::ptrdiff_t(begin), have, scratch.begin());
+    for (size_t i = have; i < per; ++i) scratch[i] = fill ? fill[(i - have) % fill_n] : 0.0f;
+    return scratch.data();
+  };
+  try {
+    for (size_t t = 0; t < turns; ++t) {
+      const float* ua = pad ? turn_of(buf_ua_, t, S, pad_ua_, nullptr, 0) : buf_ua_.data() + t * S;
+      const float* aa = pad ? turn_of(buf_aa_, t, S, pad_aa_, nullptr, 0) : buf_aa_.data() + t * S;
+      const float* um = nullptr;
+      if (tracked_) um = pad ? turn_of(buf_um_, t, F * D, pad_um_, last_um_.data(), D) : buf_um_.data() + t * F * D;
+      const bool whole_out = (t + 1) * F <= out_frames;
+      Pending p = run_turn(ua, um, aa, whole_out ? out + t * F * D : turn_motion_.data());
+      if (!window_ && t + 1 < turns && next_slot() >= 0) {   // a later turn may still fail: keep what we overwrite
+        undo.emplace_back(next_slot(), std::vector<float>());
+        backend_->read_slot(undo.back().first, undo.back().second);
+      }
+      commit_turn(p);
+      if (!whole_out) std::copy_n(turn_motion_.begin(), (out_frames - t * F) * D, out + t * F * D);
+    }
+  } catch (...) {
+    for (auto it = undo.rbegin(); it != undo.rend(); ++it) backend_->write_slot(it->first, it->second);
+    ages_ = ages0;
+    if (window_ && turns >= 2) win_.swap(win0);
+    noise_ = noise0;
+    turns_ = turns0;
+    throw;
+  }
+}
+
+// Frames flush returns: every whole turn both audio streams hold, then the frames a partial one covers.
+size_t Session::flush_frames() const {
+  const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames);
   const size_t real = std::min(buf_ua_.size(), buf_aa_.size());
-  const size_t n_frames = std::min(real * F / S, F);
-  if (n_frames == 0) {
-    buf_ua_.clear();
-    buf_aa_.clear();
-    buf_um_.clear();
-    return 0;
+  return real / S * F + real % S * F / S;
+}
+
+size_t Session::flush(float* out, size_t cap) {
+  const size_t F = size_t(bundle_.frames);
+  const size_t n_frames = flush_frames();
+  if (n_frames) {
+    check_capacity(out, cap, n_frames);
+    run_buffered((n_frames + F - 1) / F, true, out, n_frames);
   }
-  check_capacity(out, cap, n_frames);
-  std::vector<float> ua(S, 0.0f), aa(S, 0.0f), um;
-  std::copy_n(buf_ua_.begin(), std::min(S, buf_ua_.size()), ua.begin());
-  std::copy_n(buf_aa_.begin(), std::min(S, buf_aa_.size()), aa.begin());
-  const size_t have = std::min(F, buf_um_.size() / D);
-  if (tracked_ && have) {
-    um.assign(buf_um_.begin(), buf_um_.begin() + std::ptrdiff_t(have * D));
-    for (size_t f = have; f < F; ++f) um.insert(um.end(), buf_um_.begin() + std::ptrdiff_t((have - 1) * D),
-                                                buf_um_.begin() + std::ptrdiff_t(have * D));
-  }
-  std::vector<float> motion(F * D);
-  Pending p = run_turn(ua.data(), um.empty() ? nullptr : um.data(), aa.data(), motion.data());
-  commit_turn(p);
   buf_ua_.clear();
   buf_aa_.clear();
   buf_um_.clear();
-  std::copy_n(motion.begin(), n_frames * D, out);
   return n_frames;
 }
 
 // ---- state blob -----------------------------------------------------------------------------
 // Two layouts (native endianness), told apart by their magic, so a snapshot never loads into a
-// session of the other attention kind.
-// cached, "TIMARST1": u32 abi, u32 rows, char[64] encoder_step sha256, u32 slots, i32 ages[slots],
-//   then the stream part with tail = cache floats, then the cache.
-// window_recompute, "TIMARSW1": u32 abi, char[64] token_embed sha256, char[64] window_encoder
-//   sha256, u32 W-1, u32 P, u32 D, u32 past turns n, u64 count + f64 sum + f64 sum_sq of the user's
-//   audio statistics, then the agent's, then the stream part with tail = n * P * D, then the past
-//   turns' tokens [n, P, D] oldest first.
-// The stream part: u64 seed, u64 counter_lo, u64 counter_hi, u64 turns, u32 tracked,
-//   u64 n_user_audio, u64 n_agent_audio, u64 n_user_motion_floats, u64 tail floats, then the
-//   floats: user audio, agent audio, user motion.
+// session of the other attention kind: cached "TIMARST2", window_recompute "TIMARSW2".
+//   header: char[8] magic, u32 abi, char[64] bundle id (sha256 of manifest.json), then the
+//     settings: u64 seed, u32 steps, u32 history (1 = feedback), f64 temperature, f64 cfg,
+//     i32 context_turns (-1 = all);
+//   cached: u32 slots, i32 ages[slots];
+//   window: u32 W-1, u32 P, u32 D, u32 past turns n, u64 count + f64 sum + f64 sum_sq of the
+//     user's audio statistics, then the agent's;
+//   stream: u64 counter_lo, u64 counter_hi, u64 turns, u32 tracked, f32 last user motion
+//     frame[56], u64 n_user_audio, u64 n_agent_audio, u64 n_user_motion_floats, u64 tail floats,
+//     then the floats: user audio, agent audio, user motion, and the tail: the cache (cached) or
+//     the past turns' tokens [n, P, D] oldest first (window).
+// set_state reads and checks all of it before anything in the session changes.
 namespace {
-const char kMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'T', '1'};
-const char kWindowMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'W', '1'};
+const char kMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'T', '2'};
+const char kWindowMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'W', '2'};
+constexpr size_t kHeaderBytes = 8 + 4 + 64 + 8 + 4 + 4 + 8 + 8 + 4;
+constexpr size_t kStreamBytes = 8 * 3 + 4 + 4 * 56 + 8 * 4;
+
+[[noreturn]] void bad_state(const std::string& what) { throw Error(TIMAR_ERR_STATE, "state: " + what); }
 }  // namespace
 
 struct StateWriter {
@@ -497,7 +617,7 @@ struct StateReader {
   const uint8_t* p;
   size_t n, off = 0;
   void raw(void* out, size_t k) {
-    if (n - off < k) throw Error(TIMAR_ERR_STATE, "state: truncated blob (not from timar_get_state?)");
+    if (n - off < k) bad_state("truncated blob (not from timar_get_state?)");
     std::memcpy(out, p + off, k);
     off += k;
   }
@@ -511,43 +631,32 @@ struct StateReader {
     r.count = get<uint64_t>();
     r.sum = get<double>();
     r.sum_sq = get<double>();
-    if (!std::isfinite(r.sum) || !std::isfinite(r.sum_sq) || r.sum_sq < 0)
-      throw Error(TIMAR_ERR_STATE, "state: corrupt audio statistics");
+    if (!std::isfinite(r.sum) || !std::isfinite(r.sum_sq) || r.sum_sq < 0) bad_state("corrupt audio statistics");
     return r;
   }
 };
 
 namespace {
-void put_sha(StateWriter& w, const std::string& sha) {
-  char buf[64] = {0};
-  std::memcpy(buf, sha.data(), std::min<size_t>(64, sha.size()));
-  w.raw(buf, 64);
-}
-bool same_sha(StateReader& r, const std::string& sha) {
-  char buf[64];
-  r.raw(buf, 64);
-  return sha.size() == 64 && std::memcmp(buf, sha.data(), 64) == 0;
-}
-
 // The stream part of a blob, read and checked before anything in the session changes.
 struct StreamState {
-  uint64_t seed = 0, lo = 0, hi = 0, turns = 0;
+  uint64_t lo = 0, hi = 0, turns = 0;
   bool tracked = false;
+  std::array<float, 56> last{};
   std::vector<float> ua, aa, um, tail;
 };
 
 StreamState read_stream(StateReader& r, uint64_t tail_floats) {
   StreamState st;
-  st.seed = r.get<uint64_t>();
   st.lo = r.get<uint64_t>();
   st.hi = r.get<uint64_t>();
   st.turns = r.get<uint64_t>();
   const uint32_t tracked = r.get<uint32_t>();
+  r.raw(st.last.data(), sizeof(float) * 56);
   const uint64_t nua = r.get<uint64_t>(), naa = r.get<uint64_t>(), num_ = r.get<uint64_t>(), nt = r.get<uint64_t>();
-  if (tracked > 1 || num_ % 56 || nt != tail_floats) throw Error(TIMAR_ERR_STATE, "state: corrupt header");
+  if (tracked > 1 || num_ % 56 || nt != tail_floats) bad_state("corrupt header");
   const uint64_t rest = r.n - r.off;
   if (nua > rest / 4 || naa > rest / 4 || num_ > rest / 4 || nt > rest / 4 || (nua + naa + num_ + nt) * 4 != rest)
-    throw Error(TIMAR_ERR_STATE, "state: size does not match its header");
+    bad_state("size does not match its header");
   st.tracked = tracked != 0;
   st.ua.resize(nua);
   st.aa.resize(naa);
@@ -557,16 +666,85 @@ StreamState read_stream(StateReader& r, uint64_t tail_floats) {
   r.raw(st.aa.data(), 4 * naa);
   r.raw(st.um.data(), 4 * num_);
   r.raw(st.tail.data(), 4 * nt);
+  // What timar_feed accepted, and what turns committed: bounded and finite.
+  if (!all_within(st.ua.data(), nua, TIMAR_AUDIO_LIMIT) || !all_within(st.aa.data(), naa, TIMAR_AUDIO_LIMIT) ||
+      !all_within(st.um.data(), num_, TIMAR_MOTION_LIMIT) || !all_within(st.last.data(), 56, TIMAR_MOTION_LIMIT))
+    bad_state("buffered audio or motion out of range or not finite (corrupt blob)");
+  if (!all_finite(st.tail.data(), nt)) bad_state("the cache or tokens hold NaN or Inf (corrupt blob)");
   return st;
 }
+
+// a * b as a 128-bit (lo, hi) pair, without compiler extensions.
+void mul_128(uint64_t a, uint64_t b, uint64_t& lo, uint64_t& hi) {
+  const uint64_t a0 = a & 0xFFFFFFFFu, a1 = a >> 32, b0 = b & 0xFFFFFFFFu, b1 = b >> 32;
+  const uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+  const uint64_t mid = (p00 >> 32) + (p01 & 0xFFFFFFFFu) + (p10 & 0xFFFFFFFFu);
+  lo = (mid << 32) | (p00 & 0xFFFFFFFFu);
+  hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+}
+
+std::string history_name(uint32_t feedback) { return feedback ? "feedback" : "masked"; }
+std::string context_name(int32_t c) { return c < 0 ? "all" : std::to_string(c); }
 }  // namespace
 
+void Session::put_header(StateWriter& w) const {
+  w.raw(window_ ? kWindowMagic : kMagic, 8);
+  w.put<uint32_t>(TIMAR_ABI_VERSION);
+  char id[64] = {0};
+  std::memcpy(id, bundle_.id.data(), std::min<size_t>(64, bundle_.id.size()));
+  w.raw(id, 64);
+  w.put<uint64_t>(seed_);
+  w.put<uint32_t>(uint32_t(steps_));
+  w.put<uint32_t>(feedback_ ? 1 : 0);
+  w.put<double>(temperature_);
+  w.put<double>(cfg_);
+  w.put<int32_t>(visible_);
+}
+
+// Magic, ABI, bundle and settings; a blob of other settings is refused naming the setting.
+void Session::check_header(StateReader& r) const {
+  char magic[8];
+  r.raw(magic, 8);
+  const bool cached = std::memcmp(magic, kMagic, 8) == 0, window = std::memcmp(magic, kWindowMagic, 8) == 0;
+  if (!cached && !window) {
+    if (std::memcmp(magic, "TIMARS", 6) == 0) bad_state("a snapshot of an older timar runtime; take it again with this one");
+    bad_state("not a timar_get_state() blob");
+  }
+  if (window != window_)
+    bad_state(window ? "a snapshot of a window_recompute session (an authors' model); this session runs a cached bundle"
+                     : "a snapshot of a cached session; this session runs a window_recompute bundle (an authors' model)");
+  if (r.get<uint32_t>() != TIMAR_ABI_VERSION) bad_state("from another ABI version");
+  char id[64];
+  r.raw(id, 64);
+  if (bundle_.id.size() != 64 || std::memcmp(id, bundle_.id.data(), 64) != 0)
+    bad_state("expected a snapshot of a session on this bundle (its manifest.json differs)");
+  const auto differs = [](const std::string& name, const std::string& blob, const std::string& mine) {
+    bad_state("taken with " + name + " " + blob + ", this session has " + name + " " + mine +
+              " (a snapshot continues only in a session with the same " + name + ")");
+  };
+  const uint64_t seed = r.get<uint64_t>();
+  if (seed != seed_) differs("seed", std::to_string(seed), std::to_string(seed_));
+  const uint32_t steps = r.get<uint32_t>();
+  if (steps != uint32_t(steps_)) differs("steps", std::to_string(steps), std::to_string(steps_));
+  const uint32_t feedback = r.get<uint32_t>();
+  if (feedback != (feedback_ ? 1u : 0u)) differs("history", history_name(feedback), history_name(feedback_));
+  const auto real = [&](const std::string& name, double blob, double mine) {   // all digits when %g hides the difference
+    if (blob == mine) return;
+    const bool close = num(blob) == num(mine);
+    differs(name, close ? num17(blob) : num(blob), close ? num17(mine) : num(mine));
+  };
+  real("temperature", r.get<double>(), temperature_);
+  real("cfg", r.get<double>(), cfg_);
+  const int32_t context = r.get<int32_t>();
+  if (context != visible_) differs("context_turns", context_name(context), context_name(visible_));
+}
+
 void Session::put_stream(StateWriter& w, uint64_t tail_floats) const {
-  w.put<uint64_t>(noise_.seed());
   w.put<uint64_t>(noise_.counter_lo());
   w.put<uint64_t>(noise_.counter_hi());
   w.put<uint64_t>(turns_);
   w.put<uint32_t>(tracked_ ? 1 : 0);
+  w.raw(last_um_.data(), sizeof(float) * 56);
   w.put<uint64_t>(buf_ua_.size());
   w.put<uint64_t>(buf_aa_.size());
   w.put<uint64_t>(buf_um_.size());
@@ -580,22 +758,22 @@ void Session::put_buffers(StateWriter& w) const {
 }
 
 size_t Session::state_size() const {
-  const size_t stream = 8 * 4 + 4 + 8 * 4 + 4 * (buf_ua_.size() + buf_aa_.size() + buf_um_.size());
-  if (window_)
-    return 8 + 4 + 64 + 64 + 4 * 4 + 2 * (8 * 3) + stream + 4 * size_t(win_.count) * turn_token_floats();
-  return 8 + 4 + 4 + 64 + 4 + 4 * ages_.size() + stream + 4 * backend_->cache_floats();
+  const size_t stream = kStreamBytes + 4 * (buf_ua_.size() + buf_aa_.size() + buf_um_.size());
+  if (window_) return kHeaderBytes + 4 * 4 + 2 * (8 * 3) + stream + 4 * size_t(win_.count) * turn_token_floats();
+  return kHeaderBytes + 4 + 4 * ages_.size() + stream + 4 * backend_->cache_floats();
 }
 
-std::vector<uint8_t> Session::get_state() const { return window_ ? get_window_state() : get_cached_state(); }
+std::vector<uint8_t> Session::get_state() const {
+  std::vector<uint8_t> v = window_ ? get_window_state() : get_cached_state();
+  if (v.size() != state_size()) throw Error(TIMAR_ERR_INTERNAL, "state: blob size differs from state_size()");
+  return v;
+}
 
 std::vector<uint8_t> Session::get_cached_state() const {
   std::vector<uint8_t> v;
   v.reserve(state_size());
   StateWriter w{v};
-  w.raw(kMagic, 8);
-  w.put<uint32_t>(TIMAR_ABI_VERSION);
-  w.put<uint32_t>(uint32_t(rows_));
-  put_sha(w, bundle_.graph_sha256.at("encoder_step"));
+  put_header(w);
   w.put<uint32_t>(uint32_t(ages_.size()));
   for (int a : ages_) w.put<int32_t>(a);
   put_stream(w, backend_->cache_floats());
@@ -610,10 +788,7 @@ std::vector<uint8_t> Session::get_window_state() const {
   std::vector<uint8_t> v;
   v.reserve(state_size());
   StateWriter w{v};
-  w.raw(kWindowMagic, 8);
-  w.put<uint32_t>(TIMAR_ABI_VERSION);
-  put_sha(w, bundle_.graph_sha256.at("token_embed"));
-  put_sha(w, bundle_.graph_sha256.at("window_encoder"));
+  put_header(w);
   w.put<uint32_t>(uint32_t(window_capacity()));
   w.put<uint32_t>(uint32_t(bundle_.tokens_per_turn));
   w.put<uint32_t>(uint32_t(bundle_.token_dim));
@@ -632,70 +807,78 @@ std::vector<uint8_t> Session::get_window_state() const {
 
 void Session::set_state(const uint8_t* data, size_t size) {
   StateReader r{data, size};
-  char magic[8];
-  r.raw(magic, 8);
-  const bool cached = std::memcmp(magic, kMagic, 8) == 0, window = std::memcmp(magic, kWindowMagic, 8) == 0;
-  if (!cached && !window) throw Error(TIMAR_ERR_STATE, "state: not a timar_get_state() blob");
-  if (window != window_)
-    throw Error(TIMAR_ERR_STATE, window ? "state: a snapshot of a window_recompute session (an authors' model); "
-                                          "this session runs a cached bundle"
-                                        : "state: a snapshot of a cached session; this session runs a "
-                                          "window_recompute bundle (an authors' model)");
-  if (r.get<uint32_t>() != TIMAR_ABI_VERSION) throw Error(TIMAR_ERR_STATE, "state: from another ABI version");
+  check_header(r);
   if (window_)
     set_window_state(r);
   else
     set_cached_state(r);
 }
 
+// Each turn draws the start noise and one draw per step, [F, 56] each, in whole Philox blocks of 4.
+void Session::check_counter(uint64_t lo, uint64_t hi, uint64_t turns) const {
+  const uint64_t per_turn = uint64_t(steps_ + 1) * ((uint64_t(bundle_.frames) * 56 + 3) / 4);
+  uint64_t want_lo, want_hi;
+  mul_128(turns, per_turn, want_lo, want_hi);
+  if (lo != want_lo || hi != want_hi)
+    bad_state("the generator counter does not match the turn count " + std::to_string(turns) + " (corrupt blob)");
+}
+
 void Session::set_cached_state(StateReader& r) {
-  const uint32_t rows = r.get<uint32_t>();
-  if (!same_sha(r, bundle_.graph_sha256.at("encoder_step")))
-    throw Error(TIMAR_ERR_STATE, "state: expected a snapshot of a session on this bundle");
-  if (rows != uint32_t(rows_))
-    throw Error(TIMAR_ERR_STATE, "state: taken with " + std::to_string(rows) + " cache row(s), this session has " +
-                                     std::to_string(rows_) + " (same bundle, but another cfg setting?)");
   const uint32_t slots = r.get<uint32_t>();
-  if (slots != ages_.size()) throw Error(TIMAR_ERR_STATE, "state: slot count differs from this bundle's");
+  if (slots != ages_.size()) bad_state("slot count differs from this bundle's");
   std::vector<int> ages(slots);
-  for (int& a : ages) {
-    a = r.get<int32_t>();
-    if (a < 1 || a > bundle_.context_turns) throw Error(TIMAR_ERR_STATE, "state: corrupt ring ages");
-  }
+  for (int& a : ages) a = r.get<int32_t>();
   StreamState st = read_stream(r, backend_->cache_floats());
+  check_counter(st.lo, st.hi, st.turns);
+  // A valid ring: after n turns the m = min(n, slots) filled slots hold the ages 1..m once
+  // each, and the empty ones the empty age W.
+  const int w = bundle_.context_turns;
+  const uint64_t m = std::min<uint64_t>(st.turns, slots);
+  std::vector<bool> seen(size_t(w) + 1, false);
+  uint64_t filled = 0;
+  bool ok = true;
+  for (int a : ages) {
+    if (a < 1 || a > w || (a < w && seen[size_t(a)])) ok = false;
+    if (ok && a < w) seen[size_t(a)] = true, ++filled;
+  }
+  for (uint64_t a = 1; ok && a <= m; ++a) ok = seen[size_t(a)];
+  if (!ok || filled != m)
+    bad_state("the ring ages are not a valid ring state after " + std::to_string(st.turns) + " turns (corrupt blob)");
+  // Everything checked: apply (only the cache upload can fail, and it goes first).
   backend_->cache_from_host(st.tail.data());
-  ages_ = ages;
-  noise_ = PhiloxNormal(st.seed, st.lo, st.hi);
+  ages_.swap(ages);
+  noise_ = PhiloxNormal(seed_, st.lo, st.hi);
   turns_ = st.turns;
   tracked_ = st.tracked;
+  last_um_ = st.last;
   buf_ua_.swap(st.ua);
   buf_aa_.swap(st.aa);
   buf_um_.swap(st.um);
 }
 
-// A window snapshot holds no cache rows: it loads into a session of the same bundle whatever
-// its cfg setting (the past turns are the conditional row's tokens either way).
 void Session::set_window_state(StateReader& r) {
-  const bool embed_ok = same_sha(r, bundle_.graph_sha256.at("token_embed"));
-  const bool window_ok = same_sha(r, bundle_.graph_sha256.at("window_encoder"));
-  if (!embed_ok || !window_ok) throw Error(TIMAR_ERR_STATE, "state: expected a snapshot of a session on this bundle");
   const uint32_t cap = r.get<uint32_t>(), P = r.get<uint32_t>(), D = r.get<uint32_t>(), n = r.get<uint32_t>();
   if (cap != window_capacity() || P != uint32_t(bundle_.tokens_per_turn) || D != uint32_t(bundle_.token_dim))
-    throw Error(TIMAR_ERR_STATE, "state: window size differs from this bundle's");
-  if (n > cap) throw Error(TIMAR_ERR_STATE, "state: corrupt window (" + std::to_string(n) + " past turns, at most " +
-                                                std::to_string(cap) + ")");
+    bad_state("window size differs from this bundle's");
+  if (n > cap) bad_state("corrupt window (" + std::to_string(n) + " past turns, at most " + std::to_string(cap) + ")");
   TokenWindow win;
   win.user = r.norm();
   win.agent = r.norm();
   StreamState st = read_stream(r, uint64_t(n) * turn_token_floats());
+  check_counter(st.lo, st.hi, st.turns);
+  const uint64_t S = uint64_t(bundle_.samples);
+  if (n != std::min<uint64_t>(st.turns, cap) || st.turns > UINT64_MAX / S || win.user.count != st.turns * S ||
+      win.agent.count != st.turns * S)
+    bad_state("the token window or audio statistics do not match " + std::to_string(st.turns) + " turns (corrupt blob)");
   win.tokens.assign(window_capacity() * turn_token_floats(), 0.0f);
   std::copy(st.tail.begin(), st.tail.end(), win.tokens.begin());
   win.oldest = 0;
   win.count = int(n);
   win_.swap(win);
-  noise_ = PhiloxNormal(st.seed, st.lo, st.hi);
+  noise_ = PhiloxNormal(seed_, st.lo, st.hi);
   turns_ = st.turns;
   tracked_ = st.tracked;
+  last_um_ = st.last;
   buf_ua_.swap(st.ua);
   buf_aa_.swap(st.aa);
   buf_um_.swap(st.um);

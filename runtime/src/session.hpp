@@ -1,6 +1,7 @@
-// The streaming session: the per-turn loop of DESIGN.md section 4, as timar_sdk/runtime/session.py.
+// The streaming session: the per-turn loop of docs/DESIGN.md section 4, as timar_sdk/runtime/session.py.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -61,6 +62,7 @@ class Session {
   size_t feed_frames(size_t ua_n, size_t um_n, size_t aa_n) const;
   size_t feed(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n,
               float* out, size_t cap_frames);
+  size_t flush_frames() const;
   size_t flush(float* out, size_t cap_frames);
   std::vector<uint8_t> get_state() const;
   size_t state_size() const;
@@ -74,6 +76,9 @@ class Session {
   // One turn without changing the session; `commit_turn` then makes it visible.
   Pending run_turn(const float* ua, const float* um /* nullable */, const float* aa, float* motion);
   void commit_turn(const Pending& p);
+  // Runs `turns` turns from the start of the stream buffers and commits all of them or none.
+  void run_buffered(size_t turns, bool pad, float* out, size_t out_frames);
+  void check_turn_finite(const Pending& p, const float* motion) const;
   // z_ of the turn whose inputs are in the scratch buffers: through the cache, or the window.
   StepInputs step_inputs();
   void encode_cached();
@@ -83,12 +88,15 @@ class Session {
   size_t window_capacity() const { return size_t(bundle_.context_turns - 1); }
   size_t turn_token_floats() const { return size_t(bundle_.tokens_per_turn) * size_t(bundle_.token_dim); }
   // State blobs: the stream part shared by both kinds, then the cache or the token window.
+  void put_header(StateWriter& w) const;
+  void check_header(StateReader& r) const;
   void put_stream(StateWriter& w, uint64_t tail_floats) const;
   void put_buffers(StateWriter& w) const;
   std::vector<uint8_t> get_cached_state() const;
   std::vector<uint8_t> get_window_state() const;
   void set_cached_state(StateReader& r);
   void set_window_state(StateReader& r);
+  void check_counter(uint64_t lo, uint64_t hi, uint64_t turns) const;
   void check_audio(const float* a, size_t n, const char* name, bool exact) const;
   void check_motion(const float* m, size_t frames, const char* name, bool exact) const;
 
@@ -110,10 +118,11 @@ class Session {
   PhiloxNormal noise_;
   uint64_t turns_ = 0;
   std::vector<float> buf_ua_, buf_aa_, buf_um_;
-  bool tracked_ = false;
+  bool tracked_ = false;                 // user motion was fed since the last reset
+  std::array<float, 56> last_um_{};      // the last user motion frame fed (when tracked_)
   // per-turn scratch (no allocation per turn once sized)
   std::vector<float> wave_, feats_, speech_u_, speech_a_, user_motion_, agent_motion_, agent_mask_, uncond_,
-      absent_, z_, x_, tokens_, window_buf_;
+      absent_, z_, x_, tokens_, window_buf_, pad_ua_, pad_aa_, pad_um_, turn_motion_;
   std::vector<int64_t> token_ages_;
   SamplerWorkspace sampler_ws_;
 };

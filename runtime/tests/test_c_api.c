@@ -3,13 +3,16 @@
  *   timar_test_c BUNDLE_DIR [BAD_HASH_BUNDLE_DIR [OTHER_KIND_BUNDLE_DIR]]
  *
  * Known answers of the portable generator, bad input through every entry point (error code,
- * a message that names the argument, and the session left exactly as it was), state blobs,
- * reset, feed == step. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
+ * a message that names the argument, and the session left exactly as it was: NULLs, lengths,
+ * NaN, values beyond TIMAR_AUDIO_LIMIT / TIMAR_MOTION_LIMIT, sizes that overflow, options out
+ * of range), state blobs (settings, corruption, all or nothing), reset, feed == step, flush of
+ * several buffered turns. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
  * of the other attention kind, a state blob of one kind must be refused by the other, and only
  * the window bundle refuses feedback history and TensorRT. Ends with "N passed, N failed".
  * Run under AddressSanitizer in CI. */
 #define _POSIX_C_SOURCE 200112L /* setenv */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,8 +125,35 @@ static void test_create_errors(const char* bundle, const char* bad_bundle) {
   o.temperature = -1.0;
   expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "temperature", "temperature");
   timar_options_init(&o);
+  o.steps = 1000000000u;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "got 1000000000", "steps 1e9");
+  timar_options_init(&o);
+  o.temperature = INFINITY;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "temperature", "temperature inf");
+  timar_options_init(&o);
+  o.temperature = 10.5;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "temperature: expected a number in 0..10",
+               "temperature above 10");
+  timar_options_init(&o);
   o.cfg = INFINITY;
   expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "cfg", "cfg");
+  timar_options_init(&o);
+  o.cfg = 20.5;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "cfg: expected a number in 0..20",
+               "cfg above 20");
+  timar_options_init(&o);
+  o.cfg = -1.0;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "cfg", "negative cfg");
+  timar_options_init(&o);
+  o.threads = 10000;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "CPUs available", "threads 10000");
+  CHECK(s == NULL, "no session with 10000 threads");
+  timar_options_init(&o);
+  o.threads = -1;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "threads", "threads -1");
+  timar_options_init(&o);
+  o.device_id = -1;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "device_id", "device_id -1");
   timar_options_init(&o);
   o.history = 7;
   expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "history", "history");
@@ -216,6 +246,39 @@ static void test_session(const char* bundle, double cfg) {
     um[7] = INFINITY;
     expect_error(timar_step(s, ua + S, S, um, F, aa + S, S, got, F), TIMAR_ERR_NOT_FINITE, "user_motion", "Inf motion");
     um[7] = save;
+  }
+  {
+    /* Finite but beyond what a microphone or a tracker sends: refused, naming the bound and the
+       largest value (one such sample used to turn every later turn into NaN). */
+    float save = ua[S + 100];
+    size_t frames = 0;
+    ua[S + 100] = 1e20f;
+    expect_error(timar_step(s, ua + S, S, NULL, 0, aa + S, S, got, F), TIMAR_ERR_INVALID_ARGUMENT, "TIMAR_AUDIO_LIMIT",
+                 "audio 1e20");
+    CHECK(strstr(timar_last_error(), "user_audio") && strstr(timar_last_error(), "1e+20") &&
+              strstr(timar_last_error(), "sample 100"),
+          "audio bound message: %s", timar_last_error());
+    ua[S + 100] = 4.5f;
+    expect_error(timar_feed(s, ua + S, S, NULL, 0, aa + S, S, got, F, &frames), TIMAR_ERR_INVALID_ARGUMENT,
+                 "user_audio", "feed audio 4.5");
+    ua[S + 100] = save;
+    save = um[9];
+    um[9] = 1e37f;
+    expect_error(timar_step(s, ua + S, S, um, F, aa + S, S, got, F), TIMAR_ERR_INVALID_ARGUMENT, "TIMAR_MOTION_LIMIT",
+                 "motion 1e37");
+    CHECK(strstr(timar_last_error(), "user_motion") && strstr(timar_last_error(), "channel 9"), "motion bound message: %s",
+          timar_last_error());
+    um[9] = -20.5f;
+    expect_error(timar_feed(s, NULL, 0, um, 1, NULL, 0, got, F, &frames), TIMAR_ERR_INVALID_ARGUMENT, "user_motion",
+                 "feed motion -20.5");
+    um[9] = save;
+    /* Frame counts whose float count overflows size_t: refused before anything is read. */
+    expect_error(timar_feed(s, NULL, 0, um, SIZE_MAX / TIMAR_MOTION_DIM + 1, NULL, 0, got, F, &frames),
+                 TIMAR_ERR_INVALID_ARGUMENT, "overflow", "feed motion frames overflow");
+    expect_error(timar_feed(s, NULL, 0, um, SIZE_MAX / 2, NULL, 0, got, F, &frames), TIMAR_ERR_INVALID_ARGUMENT,
+                 "overflow", "feed motion frames SIZE_MAX/2");
+    expect_error(timar_step(s, ua + S, S, um, SIZE_MAX / TIMAR_MOTION_DIM + 1, aa + S, S, got, F),
+                 TIMAR_ERR_WRONG_LENGTH, "user_motion", "step motion frames overflow");
   }
   {
     size_t frames = 99;
@@ -401,6 +464,194 @@ static void test_state_kinds(const char* bundle, const char* other) {
   free(b);
 }
 
+/* Blob layout (session.cpp): header of 112 bytes (magic, abi, bundle id, settings), then for
+ * cached sessions u32 slots + i32 ages[slots], for window sessions 64 bytes (window sizes and
+ * audio statistics); then the stream part, which starts with u64 counter_lo. */
+enum { STATE_HEADER = 112 };
+
+static size_t stream_offset(const void* blob, int window) {
+  uint32_t slots;
+  if (window) return STATE_HEADER + 16 + 48;
+  memcpy(&slots, (const char*)blob + STATE_HEADER, 4);
+  return STATE_HEADER + 4 + 4 * (size_t)slots;
+}
+
+static void* take_state(timar_session* s, size_t* size) {
+  void* blob = NULL;
+  if (timar_get_state(s, NULL, 0, size) == TIMAR_OK && (blob = malloc(*size)) != NULL &&
+      timar_get_state(s, blob, *size, size) != TIMAR_OK) {
+    free(blob);
+    blob = NULL;
+  }
+  CHECK(blob != NULL, "get_state: %s", timar_last_error());
+  return blob;
+}
+
+/* A blob with one change at `offset` (`n` bytes from `value`) must be refused with a message
+ * containing `needle`, and change nothing: the session's next turn equals `want`. */
+static void expect_refused(timar_session* s, const void* blob, size_t size, size_t offset, const void* value, size_t n,
+                           const char* needle, const char* what, const float* ua, const float* aa, const float* want) {
+  char* bad = malloc(size);
+  float got[25 * TIMAR_MOTION_DIM];
+  memcpy(bad, blob, size);
+  if (value) memcpy(bad + offset, value, n);
+  expect_error(timar_set_state(s, bad, size), TIMAR_ERR_STATE, needle, what);
+  free(bad);
+  if (want) {
+    CHECK(timar_step(s, ua, 16000, NULL, 0, aa, 16000, got, 25) == TIMAR_OK, "%s: step after: %s", what,
+          timar_last_error());
+    CHECK(max_abs_diff(got, want, 25 * TIMAR_MOTION_DIM) == 0.0f, "%s: the refused blob changed the session", what);
+  }
+}
+
+/* set_state refuses blobs of other settings (naming the setting) and corrupt blobs, after
+ * checking all of the blob, so that nothing is applied. */
+static void test_state_checks(const char* bundle, int window) {
+  const size_t S = 16000, F = 25, M = F * TIMAR_MOTION_DIM;
+  float *ua = malloc(sizeof(float) * 2 * S), *aa = malloc(sizeof(float) * 2 * S), *out = malloc(sizeof(float) * 2 * M);
+  float want1[25 * TIMAR_MOTION_DIM];
+  timar_session *a = open_session(bundle, 1.0), *b = NULL;
+  void *blob1 = NULL, *blob2 = NULL;
+  size_t n1 = 0, n2 = 0, i;
+  timar_options o;
+  for (i = 0; i < 2 * S; ++i) ua[i] = frand(0.3f), aa[i] = frand(0.3f);
+  if (!a) return;
+  /* blob1 after one turn; want1: the second turn from there; blob2 after two turns */
+  CHECK(timar_step(a, ua, S, NULL, 0, aa, S, out, F) == TIMAR_OK, "state checks: turn 0");
+  blob1 = take_state(a, &n1);
+  CHECK(timar_step(a, ua + S, S, NULL, 0, aa + S, S, want1, F) == TIMAR_OK, "state checks: turn 1");
+  blob2 = take_state(a, &n2);
+  if (!blob1 || !blob2) goto done;
+
+  /* Other settings: each refused, naming the setting. */
+  {
+    struct { const char* name; int what; } cases[] = {{"seed", 0}, {"steps", 1}, {"temperature", 2}, {"cfg", 3},
+                                                      {"history", 4}, {"context_turns", 5}};
+    int c;
+    for (c = 0; c < 6; ++c) {
+      timar_session* other = NULL;
+      timar_options_init(&o);
+      o.seed = 7;
+      o.cfg = 1.0;
+      o.threads = 1;
+      o.backend = TIMAR_BACKEND_ORT_CPU;
+      switch (cases[c].what) {
+        case 0: o.seed = 8; break;
+        case 1: o.steps = 3; break;
+        case 2: o.temperature = 0.5; break;
+        case 3: o.cfg = 1.5; break;
+        case 4: o.history = TIMAR_HISTORY_FEEDBACK; break;
+        case 5: o.context_turns = 2; break;
+      }
+      if (cases[c].what == 4 && window) continue; /* window bundles run masked history only */
+      CHECK(timar_session_create(bundle, &o, &other) == TIMAR_OK, "create (%s): %s", cases[c].name, timar_last_error());
+      if (!other) continue;
+      expect_error(timar_set_state(other, blob1, n1), TIMAR_ERR_STATE, cases[c].name, cases[c].name);
+      timar_session_destroy(other);
+    }
+  }
+
+  /* Corrupt blobs, each refused while the session stays where blob1 put it. */
+  b = open_session(bundle, 1.0);
+  if (!b) goto done;
+  CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "set_state blob1: %s", timar_last_error());
+  {
+    const float nan = NAN, small = 0.25f;
+    const size_t stream = stream_offset(blob2, window);
+    const uint64_t counter = 12345;
+    char* longer = calloc(n2 + 4, 1);
+    /* the cache / tokens: a NaN in the last float */
+    expect_refused(b, blob2, n2, n2 - 4, &nan, 4, "NaN", "NaN in the cache", ua + S, aa + S, want1);
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    memcpy(longer, blob2, n2);
+    memcpy(longer + n2 - 4, &small, 4); /* a finite change there is a valid blob */
+    CHECK(timar_set_state(b, longer, n2) == TIMAR_OK, "a finite cache value is accepted: %s", timar_last_error());
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    expect_refused(b, blob2, n2, stream, &counter, 8, "generator counter", "counter", ua + S, aa + S, want1);
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    if (!window) {
+      const int32_t ages[2] = {3, 3}; /* two slots of the same age */
+      expect_refused(b, blob2, n2, STATE_HEADER + 4, ages, 8, "ring ages", "ring ages", ua + S, aa + S, want1);
+    } else {
+      const uint64_t count = 16000; /* the user's audio statistics of one turn, after two */
+      expect_refused(b, blob2, n2, STATE_HEADER + 16, &count, 8, "audio statistics", "audio statistics count", ua + S,
+                     aa + S, want1);
+    }
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    expect_refused(b, blob2, n2 - 4, 0, NULL, 0, "size", "truncated", ua + S, aa + S, want1);
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    memcpy(longer, blob2, n2);
+    expect_refused(b, longer, n2 + 4, 0, NULL, 0, "size", "4 bytes too many", ua + S, aa + S, want1);
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    expect_refused(b, blob2, n2, 20, "0000", 4, "bundle", "another bundle id", ua + S, aa + S, want1);
+    free(longer);
+  }
+done:
+  timar_session_destroy(a);
+  timar_session_destroy(b);
+  free(blob1);
+  free(blob2);
+  free(ua);
+  free(aa);
+  free(out);
+}
+
+/* flush runs every buffered turn (user motion that lags behind the audio is padded with its
+ * last frame, also when none is left) and asks for room for all of them. */
+static void test_flush_buffered_turns(const char* bundle) {
+  const size_t S = 16000, F = 25, D = TIMAR_MOTION_DIM, M = F * D;
+  float *ua = malloc(sizeof(float) * 2 * S), *aa = malloc(sizeof(float) * 2 * S), *um = malloc(sizeof(float) * M);
+  float *pad = malloc(sizeof(float) * 2 * M), *want = malloc(sizeof(float) * 2 * M), *got = malloc(sizeof(float) * 2 * M);
+  float* half = calloc(2 * S, sizeof(float));
+  timar_session *ref = open_session(bundle, 1.0), *f = open_session(bundle, 1.0), *g = open_session(bundle, 1.0);
+  size_t i, frames = 0;
+  for (i = 0; i < 2 * S; ++i) ua[i] = frand(0.3f), aa[i] = frand(0.3f);
+  for (i = 0; i < M; ++i) um[i] = frand(0.5f);
+  if (!ref || !f || !g) goto done;
+
+  /* 1. Two turns of audio, half a turn of motion: feed runs nothing, flush runs both turns. */
+  for (i = 0; i < 2 * F; ++i) memcpy(pad + i * D, um + (i < F / 2 ? i : F / 2 - 1) * D, sizeof(float) * D);
+  CHECK(timar_step(ref, ua, S, pad, F, aa, S, want, F) == TIMAR_OK, "flush ref 0");
+  CHECK(timar_step(ref, ua + S, S, pad + M, F, aa + S, S, want + M, F) == TIMAR_OK, "flush ref 1");
+  CHECK(timar_feed(f, ua, 2 * S, um, F / 2, aa, 2 * S, got, 2 * F, &frames) == TIMAR_OK && frames == 0,
+        "feed with lagging motion: %s (%zu frames)", timar_last_error(), frames);
+  expect_error(timar_flush(f, got, F, &frames), TIMAR_ERR_BUFFER_TOO_SMALL, "out_motion", "flush of two turns into one");
+  CHECK(frames == 2 * F, "flush reports the frames it needs: %zu", frames);
+  CHECK(timar_flush(f, got, 2 * F, &frames) == TIMAR_OK && frames == 2 * F, "flush of two turns: %zu frames, %s", frames,
+        timar_last_error());
+  CHECK(max_abs_diff(got, want, 2 * M) == 0.0f, "flush of lagging motion equals step with padded motion (max diff %g)",
+        max_abs_diff(got, want, 2 * M));
+
+  /* 2. A tracked user with no motion left for the last half turn: its last frame, not "absent". */
+  CHECK(timar_session_reset(ref) == TIMAR_OK && timar_session_reset(f) == TIMAR_OK, "reset");
+  for (i = 0; i < F; ++i) memcpy(pad + i * D, um + (F - 1) * D, sizeof(float) * D);
+  memcpy(half, ua + S, sizeof(float) * S / 2);
+  memcpy(half + S, aa + S, sizeof(float) * S / 2);
+  CHECK(timar_step(ref, ua, S, um, F, aa, S, want, F) == TIMAR_OK, "flush ref 2");
+  CHECK(timar_step(ref, half, S, pad, F, half + S, S, want + M, F) == TIMAR_OK, "flush ref 3");
+  CHECK(timar_feed(f, ua, S + S / 2, um, F, aa, S + S / 2, got, F, &frames) == TIMAR_OK && frames == F,
+        "feed one turn and a half: %s", timar_last_error());
+  CHECK(timar_flush(f, got + M, F, &frames) == TIMAR_OK && frames == F / 2, "flush of the half turn: %zu", frames);
+  CHECK(max_abs_diff(got, want, (F + F / 2) * D) == 0.0f,
+        "flush pads a tracked user's motion with its last frame (max diff %g)", max_abs_diff(got, want, (F + F / 2) * D));
+
+  /* 3. timar_feed_frames with lengths near SIZE_MAX on top of buffered audio: no wrap-around. */
+  CHECK(timar_feed(g, ua, S / 2, NULL, 0, aa, S / 2, got, F, &frames) == TIMAR_OK && frames == 0, "feed half (g)");
+  CHECK(timar_feed_frames(g, SIZE_MAX, 0, SIZE_MAX, &frames) == TIMAR_OK && frames >= SIZE_MAX / S * F,
+        "feed_frames near SIZE_MAX: %zu", frames);
+done:
+  timar_session_destroy(ref);
+  timar_session_destroy(f);
+  timar_session_destroy(g);
+  free(ua);
+  free(aa);
+  free(um);
+  free(pad);
+  free(want);
+  free(got);
+  free(half);
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) {
     fprintf(stderr, "usage: %s BUNDLE_DIR [BAD_HASH_BUNDLE_DIR [OTHER_KIND_BUNDLE_DIR]]\n", argv[0]);
@@ -412,6 +663,8 @@ int main(int argc, char** argv) {
   test_session(argv[1], 1.0);
   test_session(argv[1], 2.0);
   test_feed_rollback(argv[1]);
+  test_state_checks(argv[1], is_window_bundle(argv[1]));
+  test_flush_buffered_turns(argv[1]);
   if (argc > 3) test_state_kinds(argv[1], argv[3]);
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;

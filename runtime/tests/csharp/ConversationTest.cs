@@ -76,6 +76,13 @@ static class ConversationTest
             Expect(() => session.Feed(nan, null, null), TimarStatus.NotFinite, "user_audio", "NaN feed");
             Expect(() => session.Step(turn, null, turn, new float[D]), TimarStatus.BufferTooSmall, "out_motion", "small output");
             Expect(() => session.SetState(new byte[16]), TimarStatus.State, "state", "bad state");
+            var loud = new float[S];
+            loud[7] = 1e20f;   // finite, but no microphone sends it: refused, not turned into NaN
+            Expect(() => session.Step(loud, null, turn), TimarStatus.InvalidArgument, "TIMAR_AUDIO_LIMIT", "audio 1e20");
+            var wild = new float[F * D];
+            wild[3] = 25f;
+            Expect(() => session.Step(turn, wild, turn), TimarStatus.InvalidArgument, "TIMAR_MOTION_LIMIT", "motion 25");
+            Check((int)TimarStatus.Numeric == 12, "TimarStatus.Numeric is TIMAR_ERR_NUMERIC");
             Check(session.Info.Turns == 0, "no turn after bad calls");
 
             // The conversation, in audio-callback-sized pieces with the matching motion frames.
@@ -102,6 +109,12 @@ static class ConversationTest
             double diff = 0;
             for (int i = 0; i < first.Length; i++) diff = Math.Max(diff, Math.Abs(first[i] - output[i]));
             Check(diff < 1e-5, "state restore + step equals feed (max diff " + diff + ")");
+
+            // Flush runs every buffered turn: two turns of audio whose motion lagged (half a turn).
+            session.Reset();
+            Check(session.Feed(Slice(ua, 0, 2 * S), new float[F / 2 * D], Slice(aa, 0, 2 * S)).Length == 0,
+                  "feed with lagging motion completes no turn");
+            Check(session.Flush().Length == 2 * F * D, "flush returns both buffered turns");
 
             using (var f = File.Create(args[7]))
             {

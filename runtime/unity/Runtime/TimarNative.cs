@@ -20,6 +20,8 @@ namespace Timar
         State = 9,
         OutOfMemory = 10,
         Internal = 11,
+        /// <summary>The model produced NaN or Inf; the turn was not committed, the session is unchanged.</summary>
+        Numeric = 12,
     }
 
     public enum TimarBackend { Auto = 0, OnnxRuntimeCpu = 1, OnnxRuntimeCuda = 2, TensorRT = 3 }
@@ -27,7 +29,8 @@ namespace Timar
     public enum TimarHistory { Default = 0, Masked = 1, Feedback = 2 }
 
     /// <summary>timar_options. Create with <see cref="TimarOptions.Default"/>, then change fields.
-    /// temperature / cfg: NaN takes the bundle's default; steps 0 likewise.</summary>
+    /// temperature (0..10) / cfg (0..20): NaN takes the bundle's default; steps 0 likewise;
+    /// threads 0 = the backend's default, else at most the CPUs available to the process.</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct TimarOptions
     {
@@ -87,6 +90,10 @@ namespace Timar
 #endif
         public const int AbiVersion = 1;
         public const int MotionDim = 56;
+        /// <summary>TIMAR_AUDIO_LIMIT: the largest |sample| accepted (full scale is 1).</summary>
+        public const float AudioLimit = 4.0f;
+        /// <summary>TIMAR_MOTION_LIMIT: the largest |value| accepted in user motion.</summary>
+        public const float MotionLimit = 20.0f;
 
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern int timar_abi_version();
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_version();

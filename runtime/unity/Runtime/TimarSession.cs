@@ -30,8 +30,11 @@ namespace Timar
 
     /// <summary>
     /// Streams a conversation through a TIMAR bundle. Audio: mono float samples in [-1, 1] at
-    /// <see cref="SampleRate"/> (16 kHz). Motion: frames of 56 floats (FLAME expression 0..49,
-    /// jaw 50..52, neck 53..55, axis-angle radians), row-major in float arrays.
+    /// <see cref="SampleRate"/> (16 kHz); |x| above <see cref="TimarNative.AudioLimit"/> (4) is
+    /// refused. Motion: frames of 56 floats (FLAME expression 0..49, jaw 50..52, neck 53..55,
+    /// axis-angle radians), row-major in float arrays, |x| at most <see cref="TimarNative.MotionLimit"/>.
+    /// A turn whose output would hold NaN/Inf raises TimarException with Status Numeric and
+    /// changes nothing.
     /// </summary>
     public sealed unsafe class TimarSession : IDisposable
     {
@@ -153,8 +156,10 @@ namespace Timar
             return output;
         }
 
-        /// <summary>Finish a trailing partial turn; returns the frames the real audio covers
-        /// (0..FramesPerTurn) written to output (capacity FramesPerTurn * 56 floats).</summary>
+        /// <summary>Finish the stream: runs every buffered turn (the last one padded) and returns
+        /// the frames the real audio covers, written to output. FramesPerTurn * 56 floats are
+        /// enough unless user motion lagged behind the audio; if output is too small nothing is
+        /// consumed and TimarException (Status BufferTooSmall) says how many frames it needs.</summary>
         public int Flush(float[] output)
         {
             if (output == null) throw new ArgumentNullException("output");
@@ -166,9 +171,28 @@ namespace Timar
             return (int)frames;
         }
 
+        /// <summary>Flush into a new array of the right size (possibly empty).</summary>
         public float[] Flush()
         {
             var output = new float[FramesPerTurn * MotionDim];
+            UIntPtr frames;
+            TimarStatus status;
+            fixed (float* o = output)
+            {
+                status = TimarNative.timar_flush(Handle, o, (UIntPtr)(uint)FramesPerTurn, out frames);
+            }
+            if (status == TimarStatus.BufferTooSmall)   // several buffered turns: frames says how many
+            {
+                output = new float[checked((int)frames * MotionDim)];
+                return output.Length == 0 ? output : FlushInto(output);
+            }
+            Check(status);
+            Array.Resize(ref output, (int)frames * MotionDim);
+            return output;
+        }
+
+        float[] FlushInto(float[] output)
+        {
             int n = Flush(output);
             Array.Resize(ref output, n * MotionDim);
             return output;
@@ -244,7 +268,7 @@ namespace Timar
             if (count < 0 || offset < 0) throw new ArgumentOutOfRangeException(name);
             if (count == 0) return;
             if (a == null) throw new ArgumentNullException(name);
-            if ((long)(offset + count) * stride > a.Length)
+            if (((long)offset + count) * stride > a.Length)
                 throw new ArgumentOutOfRangeException(name, name + ": offset + count beyond the array");
         }
     }
