@@ -12,7 +12,7 @@ from timar_sdk.model.graphs import example_inputs
 from timar_sdk.model.config import preset
 from timar_sdk.model.streaming import StreamingReference
 from timar_sdk.model.timar import Timar
-from timar_sdk.runtime.bundle import Bundle, BundleError
+from timar_sdk.runtime.bundle import Bundle, BundleError, write_manifest
 from timar_sdk.runtime.rng import PhiloxNormal
 from timar_sdk.runtime.session import Session
 
@@ -98,6 +98,12 @@ def test_manifest_is_plain_json_with_the_contract(tiny):
     for name in cache_names:
         assert inputs[name]["shape"] == ["batch", c.heads, (c.context_turns - 1) * 110, c.head_dim]
     assert [o["name"] for o in m["graphs"]["encoder_step"]["outputs"]] == ["z", "present_key_values"]
+    # Only the declared axes are symbolic: the exporter named the audio encoder's 25 frames "batch".
+    outputs = {o["name"]: o["shape"] for g in m["graphs"].values() for o in g["outputs"]}
+    assert outputs["speech_features"] == ["batch", 25, c.audio_dim]
+    assert outputs["z"] == ["batch", 25, c.width]
+    assert outputs["present_key_values"] == [c.depth, 2, "batch", c.heads, 110, c.head_dim]
+    assert outputs["model_output"] == ["rows", 112]
     assert inputs["past_turn_age"]["dtype"] == "int64"
 
 
@@ -109,10 +115,10 @@ def bundle_copy(tiny, tmp_path):
 
 
 def rewrite_manifest(bundle, change):
-    path = bundle / "manifest.json"
-    m = json.loads(path.read_text())
+    """Change the manifest and record its new digest, as a re-export would."""
+    m = json.loads((bundle / "manifest.json").read_text())
     change(m)
-    path.write_text(json.dumps(m))
+    write_manifest(bundle, m)
 
 
 def test_refuses_hash_mismatch(bundle_copy):
@@ -155,3 +161,124 @@ def test_refuses_truncated_onnx(bundle_copy):
     rewrite_manifest(bundle_copy, lambda m: m["graphs"]["audio_encoder"].update(sha256=sha256_of(path)))
     with pytest.raises(BundleError, match="audio_encoder.onnx: ONNX Runtime cannot load"):
         Session(bundle_copy, backend="onnxruntime")
+
+
+# ---- the diffusion schedule in float64 (issue 13, item 12) ------------------------------------
+def adm_cosine_alphas_cumprod(n: int = 1000) -> np.ndarray:
+    """The cosine schedule as improved DDPM defines it (Nichol & Dhariwal 2021, eq. 17; the
+    authors' gaussian_diffusion.get_named_beta_schedule / betas_for_alpha_bar), written here
+    independently of timar_sdk.sampler: betas from alpha_bar(t) = cos^2(((t + s) / (1 + s)) pi/2)
+    at t = i/n, clipped at 0.999, then the running product of 1 - beta, in float64."""
+    import math
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
+    return np.cumprod(1.0 - betas)
+
+
+def respaced_tables(alphas_cumprod: np.ndarray, steps: int) -> dict:
+    """The respaced process as DiT/guided-diffusion's respace.py builds it (kept timesteps by
+    rounding a fractional stride; new betas 1 - abar_k / abar_prev; the base process recomputed
+    from those betas), and its posterior tables (gaussian_diffusion.GaussianDiffusion)."""
+    stride = (len(alphas_cumprod) - 1) / (steps - 1)
+    kept = sorted({round(i * stride) for i in range(steps)})
+    betas, last = [], 1.0
+    for i, ac in enumerate(alphas_cumprod):
+        if i in kept:
+            betas.append(1 - ac / last)
+            last = ac
+    betas = np.array(betas)
+    ac = np.cumprod(1 - betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    return {"timesteps": np.array(kept), "log_beta": np.log(betas),
+            "log_post_var": np.log(np.append(post_var[1], post_var[1:])),
+            "coef_x0": betas * np.sqrt(ac_prev) / (1 - ac),
+            "coef_xt": (1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)}
+
+
+def test_manifest_holds_the_float64_schedule_and_the_sampler_tables_are_float64(tiny):
+    """float32 keeps only ~3 digits of 1 - alpha_bar near t = 0 (4.1e-5): the manifest must hold
+    the float64 schedule itself, and the sampler's tables must be computed in float64 from it."""
+    _, bundle = tiny
+    written = json.loads((bundle / "manifest.json").read_text())["diffusion"]["alphas_cumprod"]
+    want = adm_cosine_alphas_cumprod()
+    assert np.array_equal(np.array(written, dtype=np.float64), want)      # every digit of the float64 values
+    assert Bundle(bundle).alphas_cumprod.dtype == np.float64
+    session = Session(bundle, backend="onnxruntime", steps=5)
+    theirs = respaced_tables(want, 5)
+    assert list(session.schedule.timesteps) == list(theirs["timesteps"]) == [0, 250, 500, 749, 999]
+    for name in ("log_beta", "log_post_var", "coef_x0", "coef_xt"):
+        ours = getattr(session.schedule, name)
+        assert ours.dtype == np.float64, name
+        assert np.abs(ours - theirs[name]).max() <= 1e-12 * np.abs(theirs[name]).max(), name
+
+
+# ---- checkpoints that cannot be exported or resumed (issue 13, item 8) -------------------------
+@pytest.fixture(scope="module")
+def shipped_ckpt():
+    from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint
+    return read_checkpoint(DEFAULT_CHECKPOINT)
+
+
+def _bad_checkpoints(ckpt: dict, d):
+    """name -> (file, what the one-line error must say)."""
+    import copy
+    from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT
+    data = DEFAULT_CHECKPOINT.read_bytes()
+    files = {"empty": (b"", "corrupt or truncated file"),
+             "truncated": (data[:len(data) // 2], "corrupt or truncated file"),
+             "text": (b"not a checkpoint\n", "not a PyTorch checkpoint")}
+    out = {}
+    for name, (raw, want) in files.items():
+        (d / f"{name}.pt").write_bytes(raw)
+        out[name] = (d / f"{name}.pt", want)
+
+    def variant(name, want, change):
+        c = copy.copy(ckpt)
+        c["model"] = dict(ckpt["model"])
+        change(c)
+        torch.save(c, d / f"{name}.pt")
+        out[name] = (d / f"{name}.pt", want)
+    variant("missing_key", r"missing special \(1\)", lambda c: c["model"].pop("special"))
+    w = "head.net.input_proj.weight"
+    variant("wrong_shape", r"wrong shape head.net.input_proj.weight \(56, 256\) \(expected \(256, 56\)\)",
+            lambda c: c["model"].update({w: c["model"][w].T.contiguous()}))
+    variant("wrong_config", r"unknown keys \['bogus'\]", lambda c: c.update(config={**c["config"], "bogus": 1}))
+    variant("config_width", r"wrong shape", lambda c: c.update(config={**c["config"], "width": 128, "heads": 2}))
+    variant("no_config", "has no 'config' dict", lambda c: c.pop("config"))
+    variant("not_sdk", "not a timar-sdk checkpoint", lambda c: c.pop("format"))
+    return out
+
+
+def test_unusable_checkpoints_give_one_line_naming_the_file(shipped_ckpt, tmp_path):
+    import re
+
+    from click.testing import CliRunner
+
+    from timar_sdk.cli import export_cmd
+    for name, (path, want) in _bad_checkpoints(shipped_ckpt, tmp_path).items():
+        result = CliRunner().invoke(export_cmd, ["--ckpt", str(path), "--out", str(tmp_path / "b")])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1, (name, result.output)
+        assert lines[0].startswith("Error: ckpt: ") and str(path) in lines[0], (name, lines[0])
+        assert re.search(want, lines[0]), (name, lines[0])
+        assert not isinstance(result.exception, (IndexError, KeyError, RuntimeError)), name
+        assert not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_unusable_checkpoints_in_one_line(shipped_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from timar_sdk.cli import train_cmd
+    from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT
+    cases = {k: v for k, v in _bad_checkpoints(shipped_ckpt, tmp_path).items()
+             if k in ("empty", "truncated", "wrong_shape", "wrong_config")}
+    cases["shipped"] = (DEFAULT_CHECKPOINT, "cannot be resumed: it has no 'ema'")   # slimmed: no optimizer
+    for name, (path, want) in cases.items():
+        result = CliRunner().invoke(train_cmd, ["--resume", str(path), "--out", str(tmp_path / "o.pt"), "--steps", "1"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1, (name, result.output)
+        assert str(path) in lines[0] and (want in lines[0] or __import__("re").search(want, lines[0])), (name, lines[0])
+        assert not (tmp_path / "o.pt").exists()

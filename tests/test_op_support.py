@@ -148,7 +148,7 @@ def test_timar_build_without_tensorrt_is_one_line(tmp_path):
         pytest.skip("tensorrt imports here; the missing-TensorRT message cannot be shown")
     bundle = _minimal_bundle(tmp_path / "bundle")
     result = CliRunner().invoke(tb.build_cmd, ["--bundle", str(bundle), "--fp16"])
-    _assert_one_line_error(result, "TensorRT is missing", "pip install 'timar-sdk[tensorrt]'",
+    _assert_one_line_error(result, "TensorRT is missing", "pip install -e '.[tensorrt]'",
                            "--extra-index-url https://pypi.nvidia.com", "CUDA driver")
 
 

@@ -1,4 +1,5 @@
 """The runtime Session: backends agree, feed == step, snapshots, bad input leaves no trace."""
+import re
 import resource
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from test_export import perturbed
-from timar_sdk import Session
+from timar_sdk import Session, TimarInputError, TimarRuntimeError
 from timar_sdk.export.onnx_export import export_bundle
 from timar_sdk.model.checkpoint import save_checkpoint
 from timar_sdk.model.config import preset
@@ -134,6 +135,11 @@ BAD_TURNS = {
     "2-D audio": dict(user_audio=np.zeros((2, 8000), np.float32)),
     "empty audio": dict(user_audio=np.zeros(0, np.float32)),
     "int32 audio": dict(user_audio=np.zeros(16000, np.int32)),
+    "stereo audio": dict(agent_audio=np.zeros((16000, 2), np.float32)),
+    "one huge audio sample": dict(user_audio=np.r_[np.zeros(15999), 1e20].astype(np.float32)),
+    "int16 values as float": dict(agent_audio=np.full(16000, 12000.0, np.float32)),
+    "huge motion value": dict(user_motion=np.r_[np.zeros((24, 56)), np.full((1, 56), 1e37)].astype(np.float32)),
+    "float64 motion beyond float32": dict(user_motion=np.full((25, 56), 1e39)),
     "wrong frame count": dict(user_motion=np.zeros((24, 56), np.float32)),
 }
 
@@ -147,24 +153,24 @@ def test_bad_turn_between_good_ones_leaves_no_trace(bundle, case):
     got = [s.step(ua[0], um[0], aa[0])]
     bad = {"user_audio": ua[1], "user_motion": um[1], "agent_audio": aa[1], **BAD_TURNS[case]}
     arg = next(iter(BAD_TURNS[case]))
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(TimarInputError, match=arg):
         s.step(**bad)
     if case not in ("short audio", "wrong frame count"):    # any length is fine for feed()
-        with pytest.raises(ValueError, match=arg):
+        with pytest.raises(TimarInputError, match=arg):
             s.feed(**bad)
     got.append(s.step(ua[1], um[1], aa[1]))
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
 
 
-def fail_on_denoiser_call(session: Session, n: int):
-    """Make the session's n-th denoiser call from now raise, as a lost device would; returns the
-    real denoiser so the test can put it back."""
+def fail_on_denoiser_call(session: Session, n: int, error: BaseException = RuntimeError("device lost")):
+    """Make the session's n-th denoiser call from now raise `error` (a lost device, or an
+    interrupt); returns the real denoiser so the test can put it back."""
     real, calls = session.backend.denoise, []
 
     def failing(*args):
         calls.append(1)
         if len(calls) == n:
-            raise RuntimeError("device lost")
+            raise error
         return real(*args)
 
     session.backend.denoise = failing
@@ -185,13 +191,35 @@ def test_backend_error_mid_turn_leaves_no_trace(bundle):
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
 
 
-def test_bad_settings_are_refused(bundle):
-    with pytest.raises(ValueError, match="backend"):
-        Session(bundle, backend="cuda-magic")
-    with pytest.raises(ValueError, match="history"):
-        Session(bundle, history="forgetful")
-    with pytest.raises(ValueError, match="steps"):
-        Session(bundle, steps=0)
+BAD_SETTINGS = {
+    "backend": dict(backend="cuda-magic"),
+    "history": dict(history="forgetful"),
+    "steps": dict(steps=0),
+    "steps ": dict(steps=1e9),                  # the message echoes the value given, not int(0)
+    "temperature": dict(temperature=float("inf")),
+    "temperature ": dict(temperature=-0.5),
+    "cfg": dict(cfg=float("nan")),
+    "threads": dict(threads=1000),
+    "threads ": dict(threads=0),
+    "seed": dict(seed=None),
+    "seed ": dict(seed=-1),
+    "seed  ": dict(seed=2 ** 64),
+    "context_turns": dict(context_turns=8),
+    "bundle": dict(bundle=123),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_bad_settings_are_refused_naming_the_argument(bundle, case):
+    kw = {"bundle": bundle, **BAD_SETTINGS[case]}
+    value = next(iter(BAD_SETTINGS[case].values()))
+    t0 = time.perf_counter()
+    with pytest.raises(TimarInputError, match=f"^{case.strip()}: expected .*got {re.escape(repr(value))}$"):
+        Session(**kw)
+    assert time.perf_counter() - t0 < 5          # refused before any thread pool starts
+
+
+def test_missing_bundle_folder_is_named(bundle):
     with pytest.raises(ValueError, match="bundle: no manifest.json"):
         Session(bundle.parent)
 
@@ -199,7 +227,8 @@ def test_bad_settings_are_refused(bundle):
 def test_info(bundle):
     info = Session(bundle, backend="onnxruntime").info
     assert info["frames_per_turn"] == 25 and info["samples_per_turn"] == 16000
-    assert info["motion_dim"] == 56 and len(info["motion_names"]) == 56
+    assert info["motion_dim"] == 56 and "motion_names" not in info     # print(info) stays short
+    assert info["state_bytes"] == 4 * 2 * 1 * 4 * 7 * 110 * 64 * 4     # tiny: 6.3 MB of cache per CFG row
     assert info["backend"] == "onnxruntime" and info["providers"] == ["CPUExecutionProvider"]
     assert info["attention"] == "cached"
 
@@ -240,3 +269,106 @@ def test_feed_rolls_back_every_turn_when_a_later_one_fails(bundle):
     assert s.turns == 0
     s.backend.denoise = real
     assert np.array_equal(s.feed(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1)), want)
+
+
+def test_non_finite_turn_is_never_committed(bundle):
+    """A model that produces NaN from valid input fails that turn; the session stays usable."""
+    ua, um, aa = conversation(2, seed=8)
+    clean = Session(bundle, backend="onnxruntime", seed=2)
+    want = [clean.step(ua[i], um[i], aa[i]) for i in range(2)]
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    got = [s.step(ua[0], um[0], aa[0])]
+    real = s.backend.denoise
+    s.backend.denoise = lambda *a: np.full_like(real(*a), np.nan)
+    for call in (lambda: s.step(ua[1], um[1], aa[1]), lambda: s.feed(user_audio=ua[1], user_motion=um[1], agent_audio=aa[1])):
+        with pytest.raises(TimarRuntimeError, match="turn 1: the model produced NaN or Inf"):
+            call()
+        assert s.turns == 1
+    s.backend.denoise = real
+    got.append(s.step(ua[1], um[1], aa[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(got, want))
+
+
+def test_interrupt_inside_a_multi_turn_feed_rolls_everything_back(bundle):
+    ua, um, aa = conversation(3, seed=9)
+    feed = dict(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1), user_motion=um.reshape(-1, 56))
+    want = Session(bundle, backend="onnxruntime", seed=2).feed(**feed)
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    real = fail_on_denoiser_call(s, 8, KeyboardInterrupt())     # the second turn's third call
+    with pytest.raises(KeyboardInterrupt):
+        s.feed(**feed)
+    assert s.turns == 0 and all(len(b) == 0 for b in s.get_state()["buffers"].values())
+    s.backend.denoise = real
+    assert np.array_equal(s.feed(**feed), want)
+
+
+def test_flush_runs_every_buffered_turn_when_motion_lags(bundle):
+    """3.5 turns of audio but one turn of motion: feed runs one turn; flush runs the other three
+    (the last padded), holding the tracker's last frame, and returns the 62 frames left."""
+    ua, um, aa = conversation(4, seed=10)
+    n = 3 * 16000 + 8000
+    s = Session(bundle, backend="onnxruntime", seed=2)
+    assert s.feed(user_audio=ua.reshape(-1)[:n], agent_audio=aa.reshape(-1)[:n], user_motion=um[0]).shape == (25, 56)
+    got = s.flush()
+    assert got.shape == (62, 56) and s.turns == 4
+    held = np.repeat(um[0][-1:], 25, axis=0)
+    ref = Session(bundle, backend="onnxruntime", seed=2)
+    want = [ref.step(ua[0], um[0], aa[0])] + [ref.step(ua[i], held, aa[i]) for i in (1, 2)]
+    want.append(ref.step(np.r_[ua[3][:8000], np.zeros(8000, np.float32)], held,
+                         np.r_[aa[3][:8000], np.zeros(8000, np.float32)])[:12])
+    assert np.array_equal(got, np.concatenate(want)[25:])
+
+
+def test_flush_keeps_a_tracked_user_tracked(bundle):
+    """Motion for exactly one turn, audio for 1.5: the flushed half turn holds the last frame
+    (it used to run as an untracked user)."""
+    ua, um, aa = conversation(2, seed=11)
+    s = Session(bundle, backend="onnxruntime", seed=4)
+    s.feed(user_audio=ua.reshape(-1)[:24000], agent_audio=aa.reshape(-1)[:24000], user_motion=um[0])
+    got = s.flush()
+    ref = Session(bundle, backend="onnxruntime", seed=4)
+    ref.step(ua[0], um[0], aa[0])
+    pad = lambda a: np.r_[a[:8000], np.zeros(8000, np.float32)]  # noqa: E731
+    want = ref.step(pad(ua[1]), np.repeat(um[0][-1:], 25, axis=0), pad(aa[1]))[:12]
+    assert got.shape == (12, 56) and np.array_equal(got, want)
+
+
+def broken_snapshots(state):
+    """(what, snapshot) pairs, each wrong in one way."""
+    def changed(**kw):
+        return {**state, **kw}
+
+    settings = state["settings"]
+    missing = dict(state)
+    del missing["noise"]
+    nan_cache = state["cache"].copy()
+    nan_cache[0, 0, 0, 0, 5, 3] = np.nan
+    yield "missing key", missing, "missing \\['noise'\\]"
+    yield "slot ages", changed(slot_age=[1, 1] + state["slot_age"][2:]), "slot_age"
+    yield "NaN cache", changed(cache=nan_cache), "cache: contains NaN"
+    yield "other seed", changed(settings={**settings, "seed": 99}), "taken with seed=99"
+    yield "other steps", changed(settings={**settings, "steps": 2}), "taken with steps=2"
+    yield "NaN buffer", changed(buffers={**state["buffers"], "user_audio": np.full(10, np.nan, np.float32)}), \
+        "buffers.user_audio"
+    yield "turns", changed(turns="3"), "turns"
+
+
+def test_set_state_checks_everything_before_changing_anything(bundle):
+    ua, um, aa = conversation(5, seed=12)
+    s = Session(bundle, backend="onnxruntime", seed=6)
+    for i in range(3):
+        s.step(ua[i], um[i], aa[i])
+    good = s.get_state()
+    other = Session(bundle, backend="onnxruntime", seed=6)
+    for i in range(2):
+        other.step(ua[i], um[i], aa[i])
+    other.feed(user_audio=ua[4][:100])
+    before = other.get_state()
+    for what, snapshot, message in broken_snapshots(good):
+        with pytest.raises(TimarInputError, match="state: .*" + message):
+            other.set_state(snapshot)
+        after = other.get_state()
+        assert after["turns"] == 2 and np.array_equal(after["cache"], before["cache"]), what
+        assert after["noise"] == before["noise"] and len(after["buffers"]["user_audio"]) == 100, what
+    other.set_state(good)
+    assert np.array_equal(other.step(ua[3], um[3], aa[3]), s.step(ua[3], um[3], aa[3]))

@@ -16,7 +16,7 @@ from timar_sdk.export.onnx_export import export_bundle
 from timar_sdk.model.config import preset
 from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.backends import HostCacheBackend
-from timar_sdk.runtime.bundle import sha256_of
+from timar_sdk.runtime.bundle import sha256_of, write_manifest
 from timar_sdk.runtime.tensorrt_backend import FLOAT_BYTES, slot_copy
 
 
@@ -51,7 +51,7 @@ def with_foreign_engines(bundle, dst):
     files = {"denoiser": {"file": plan.relative_to(dst).as_posix(), "sha256": sha256_of(plan)}}
     manifest["engines"] = [{"dir": plan.parent.relative_to(dst).as_posix(), "gpu": "Imaginary GPU",
                             "tensorrt": "0.0", "files": files}]
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(dst, manifest)
     return dst
 
 

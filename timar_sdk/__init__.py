@@ -4,9 +4,10 @@
 """
 from timar_sdk.audio import load_audio
 from timar_sdk.layout import FPS, MOTION_DIM, MOTION_NAMES, SAMPLE_RATE
-from timar_sdk.runtime.bundle import Bundle, BundleError
-from timar_sdk.runtime.session import Session, TimarInputError
+from timar_sdk.errors import BundleError, TimarInputError, TimarRuntimeError
+from timar_sdk.runtime.bundle import Bundle
+from timar_sdk.runtime.session import Session
 
 __version__ = "0.1.0"
 __all__ = ["Bundle", "BundleError", "FPS", "MOTION_DIM", "MOTION_NAMES", "SAMPLE_RATE", "Session",
-           "TimarInputError", "load_audio", "__version__"]
+           "TimarInputError", "TimarRuntimeError", "load_audio", "__version__"]

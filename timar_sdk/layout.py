@@ -20,6 +20,14 @@ MOTION_NAMES = (
 FPS = 25
 SAMPLE_RATE = 16_000
 
+AUDIO_LIMIT = 4.0
+"""Largest |sample| a runtime accepts in float audio. Full scale is 1.0; 4.0 leaves 12 dB for
+float DSP overshoot. Larger values are int16 numbers passed as float, or garbage, and would
+overflow the audio encoder."""
+MOTION_LIMIT = 20.0
+"""Largest |value| a runtime accepts in user motion (FLAME expression coefficients and
+axis-angle radians, which a face tracker keeps within a few units)."""
+
 SPECIAL_TOKENS = ("<TURN>", "<U_SP>", "</U_SP>", "<U_MO>", "</U_MO>",
                   "<A_SP>", "</A_SP>", "<A_MO>", "</A_MO>", "</TURN>")
 

@@ -1,4 +1,4 @@
-"""Export a TIMAR model to the bundle of DESIGN.md section 3: ONNX graphs and a manifest.
+"""Export a TIMAR model to the bundle of docs/DESIGN.md section 3: ONNX graphs and a manifest.
 
 The SDK's own models ("cached" bundles):
 - audio_encoder.onnx  waveform [B, S] -> speech_features [B, F, Da]
@@ -15,7 +15,6 @@ window graph's token axis).
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WI
                                     cache_input_names, example_inputs, graph_modules, window_example_inputs,
                                     window_graph_modules)
 from timar_sdk.model.timar import Timar
-from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest
+from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest, write_manifest
 
 def _dynamic_axes(name: str, layers: int = 0) -> dict[str, dict[int, str]]:
     if name == "denoiser":
@@ -63,7 +62,16 @@ def trace_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: lis
         torch.onnx.export(module.eval(), tuple(inputs.values()), buf, input_names=list(inputs),
                           output_names=outputs, dynamic_axes=dynamic_axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
+        traced = module(*inputs.values())
     proto = onnx.load_from_string(buf.getvalue())
+    # The exporter leaves some computed output axes symbolic (and names them after another axis,
+    # e.g. "batch" for the audio encoder's 25 frames): every axis not declared dynamic is static.
+    traced = traced if isinstance(traced, tuple) else (traced,)
+    for value, tensor in zip(proto.graph.output, traced):
+        dynamic = dynamic_axes.get(value.name, {})
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis not in dynamic:
+                dim.dim_value = tensor.shape[axis]
     onnx.checker.check_model(proto)
     return proto
 
@@ -77,7 +85,7 @@ def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onn
 
 def _common_manifest(cfg, model_info: dict, source: str, ema: bool, motion_mean, motion_std,
                      alphas_cumprod, graphs: dict) -> dict:
-    """The parts of a manifest that every kind of bundle has (DESIGN.md section 3)."""
+    """The parts of a manifest that every kind of bundle has (docs/DESIGN.md section 3)."""
     lay = turn_layout(cfg.frames_per_turn)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -99,7 +107,9 @@ def _common_manifest(cfg, model_info: dict, source: str, ema: bool, motion_mean,
         "motion_mean": motion_mean.tolist(), "motion_std": motion_std.tolist(),
         "diffusion": {"num_train_steps": len(alphas_cumprod), "prediction": "x0",
                       "variance": "learned_range", "schedule": "cosine",
-                      "alphas_cumprod": alphas_cumprod.double().tolist()},
+                      # The float64 schedule itself, not the model's float32 buffer: float32 keeps
+                      # only ~3 digits of 1 - alpha_bar near t = 0 (issue 13, item 12).
+                      "alphas_cumprod": alphas_cumprod.tolist()},
         "generator": GENERATOR,
         "graphs": graphs,
         "engines": [],
@@ -110,7 +120,7 @@ def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool
     c = model.cfg
     return {
         **_common_manifest(c, {**c.to_dict(), "num_params": model.num_params()}, source, ema,
-                           model.motion_mean, model.motion_std, model.head.alphas_cumprod, graphs),
+                           model.motion_mean, model.motion_std, model.head.schedule, graphs),
         "attention": "cached",
         "history": c.history,
         "cache": {"layers": c.depth, "heads": c.heads, "head_dim": c.head_dim,
@@ -152,7 +162,7 @@ def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_
         graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
     manifest = make_manifest(graphs)
     validate_manifest(manifest)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(tmp, manifest)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -181,7 +191,7 @@ def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: st
                 "num_params": model.num_params()}
         return {
             **_common_manifest(c, info, source, ema, model.motion_mean, model.motion_std,
-                               model.head.alphas_cumprod, graphs),
+                               model.head.schedule, graphs),
             "attention": "window_recompute",
             "history": "masked",
             "window": {"tokens_per_turn": c.tokens_per_turn, "max_turns": c.context_turns, "token_dim": c.width},

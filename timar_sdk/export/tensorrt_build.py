@@ -19,7 +19,6 @@ finds ``tensorrt`` and a CUDA GPU.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import time
@@ -28,10 +27,11 @@ from typing import Any, Mapping, Sequence
 
 import click
 
-from timar_sdk.runtime.bundle import sha256_of
+from timar_sdk.cli import tool
+from timar_sdk.runtime.bundle import MANIFEST, Bundle, sha256_of, write_manifest
 
-INSTALL_HINT = ("install with pip install 'timar-sdk[tensorrt]', which needs NVIDIA's package index: "
-                "pip install tensorrt --extra-index-url https://pypi.nvidia.com (plus an NVIDIA CUDA driver)")
+INSTALL_HINT = ("install with pip install -e '.[tensorrt]' in the timar-sdk checkout, which needs NVIDIA's "
+                "package index: pip install tensorrt --extra-index-url https://pypi.nvidia.com (plus an NVIDIA CUDA driver)")
 TIMING_CACHE = Path("engines") / "timing.cache"
 # Layer types kept in FP32 under --fp16 (names of trt.LayerType members; missing names are skipped).
 FP32_LAYER_TYPES: tuple[str, ...] = ("NORMALIZATION", "REDUCE")
@@ -65,7 +65,7 @@ def check_tensorrt_available() -> None:
                                   f"(the PyPI stub without NVIDIA's libraries); {INSTALL_HINT}")
     if importlib.util.find_spec("pycuda") is None:
         raise TensorRTUnavailable("pycuda is missing (timar-build uses it to identify the GPU): "
-                                  "pip install 'timar-sdk[tensorrt]' or pip install pycuda (builds against the CUDA toolkit)")
+                                  "pip install -e '.[tensorrt]' or pip install pycuda (builds against the CUDA toolkit)")
     try:
         import pycuda.driver as cuda
 
@@ -273,12 +273,10 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
     check_tensorrt_available()
     import tensorrt as trt
 
-    bundle = Path(bundle_dir)
-    manifest_path = bundle / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: missing (expected a bundle written by timar-export)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("attention") == "window_recompute":
+    loaded = Bundle(bundle_dir)          # digest, schema, paths and graph hashes checked
+    bundle, manifest = loaded.dir, loaded.manifest
+    manifest_path = bundle / MANIFEST
+    if manifest["attention"] == "window_recompute":
         raise ValueError(f"{manifest_path}: a window_recompute bundle (an authors' checkpoint); TensorRT "
                          f"engines are built for cached bundles only (run this one with ONNX Runtime)")
     if workspace_gb <= 0:
@@ -291,12 +289,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
     plans = {}
     for name in names:
         g = manifest["graphs"][name]
-        path = bundle / g["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (graph {name!r} listed in manifest.json)")
-        digest = sha256_of(path)
-        if "sha256" in g and digest != g["sha256"]:
-            raise ValueError(f"{path}: sha256 does not match manifest.json (graph {name!r})")
+        path, digest = loaded.graph_path(name), g["sha256"]
         plans[name] = (path, digest, profile_shapes(g["inputs"], ranges, name))
 
     gpu = gpu_info()
@@ -321,13 +314,13 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
              else str(cache_path),
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     # Re-read just before writing: keep every other field as it is on disk now.
-    manifest = json.loads(manifest_path.read_text())
-    manifest["engines"] = [e for e in manifest.get("engines", []) if e.get("dir") != entry["dir"]] + [entry]
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest = Bundle(bundle, verify_hashes=False).manifest
+    manifest["engines"] = [e for e in manifest["engines"] if e.get("dir") != entry["dir"]] + [entry]
+    write_manifest(bundle, manifest)
     return entry
 
 
-@click.command(name="timar-build")
+@tool("timar-build")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Bundle folder written by timar-export.")
 @click.option("--fp16", is_flag=True, help="Allow FP16 kernels (normalisation/reductions stay FP32).")

@@ -1,5 +1,5 @@
 """The per-token motion heads: the AdaLN-MLP diffusion denoiser with its training loss (ADM
-conventions, DESIGN.md section 1), and the MLP regression head of the paper's ablation.
+conventions, docs/DESIGN.md section 1), and the MLP regression head of the paper's ablation.
 
 Sampling lives in `timar_sdk.sampler` (numpy) so every backend shares it.
 """
@@ -147,7 +147,8 @@ class DiffusionHead(nn.Module):
         self.net = Denoiser(cond_dim, width, depth, bounded_variance)
         self.batch_mul = batch_mul
         self.decoder_nll = decoder_nll
-        sched = make_schedule(cosine_alphas_cumprod(NUM_TRAIN_STEPS))
+        self.schedule = cosine_alphas_cumprod(NUM_TRAIN_STEPS)   # float64 [T]: manifests and samplers
+        sched = make_schedule(self.schedule)
         for name in ("alphas_cumprod", "log_beta", "log_post_var", "coef_x0", "coef_xt"):
             self.register_buffer(name, torch.tensor(getattr(sched, name), dtype=torch.float32),
                                  persistent=False)

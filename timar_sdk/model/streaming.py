@@ -1,7 +1,7 @@
 """Turn-by-turn generation in torch: the streaming reference with an explicit KV cache, and the
 no-cache reference that recomputes the band-masked full forward (what the cache must equal).
 
-Both take their random numbers from a `NoiseSource` (DESIGN.md 4.1 order) and share the numpy
+Both take their random numbers from a `NoiseSource` (docs/DESIGN.md 4.1 order) and share the numpy
 sampler of `timar_sdk.sampler`, so any difference between them is the cache's.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class _Sampling:
         if self.history not in ("masked", "feedback"):
             raise ValueError(f"history: expected 'masked' or 'feedback', got {self.history!r}")
         self.device = next(model.parameters()).device
-        self.sched = respaced_schedule(model.head.alphas_cumprod.cpu().double().numpy(), self.steps) \
+        self.sched = respaced_schedule(model.head.schedule, self.steps) \
             if c.head == "diffusion" else None
 
     def tensor(self, a) -> torch.Tensor:

@@ -132,7 +132,7 @@ class TorchBackend(HostCacheBackend):
         try:
             import torch
         except ImportError:
-            raise ValueError("backend: 'torch' needs PyTorch: pip install 'timar-sdk[train]'") from None
+            raise ValueError("backend: 'torch' needs PyTorch: pip install -e '.[train]' in the timar-sdk checkout") from None
         src = bundle.manifest.get("source_checkpoint", "")
         path = resolve_checkpoint(src, bundle.dir)
         if path is None:

@@ -1,4 +1,4 @@
-"""Bookkeeping of the KV cache ring (DESIGN.md sections 3-4), shared by every backend.
+"""Bookkeeping of the KV cache ring (docs/DESIGN.md sections 3-4), shared by every backend.
 
 The cache holds W-1 turn slots of P tokens each. A slot's age is how many turns ago it was
 written (1..W-1); an empty slot has age W, which the encoder step maps to a masking bias. A new

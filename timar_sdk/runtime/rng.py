@@ -1,4 +1,4 @@
-"""The portable generator of DESIGN.md 4.1: Philox4x32-10 + Box-Muller, numpy only.
+"""The portable generator of docs/DESIGN.md 4.1: Philox4x32-10 + Box-Muller, numpy only.
 
 Every runtime (Python, C++, Unity) draws the sampler's noise from this generator so the same seed
 gives the same motion everywhere. The stream is defined bit for bit below; a port must match it.
@@ -72,7 +72,7 @@ def philox4x32(counter: np.ndarray, key: tuple[int, int], rounds: int = 10) -> n
 
 
 class PhiloxNormal:
-    """Counter-based generator of float32 standard normals (DESIGN.md 4.1; rule in module doc).
+    """Counter-based generator of float32 standard normals (docs/DESIGN.md 4.1; rule in module doc).
 
     Args:
         seed: integer in [0, 2^64); key word 0 = low 32 bits, key word 1 = high 32 bits.

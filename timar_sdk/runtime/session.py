@@ -1,46 +1,97 @@
-"""`Session`: stream a conversation turn by turn through a bundle (DESIGN.md section 4).
+"""`Session`: stream a conversation turn by turn through a bundle (docs/DESIGN.md section 4).
 
     session = timar_sdk.Session()                  # the shipped default bundle, best backend
     motion = session.step(user_audio, user_motion, agent_audio)   # one turn -> [25, 56]
     frames = session.feed(user_audio=chunk, agent_audio=chunk)    # any-size pieces -> [k*25, 56]
 
-Nothing in the session changes until a whole turn has succeeded: a bad input or a backend error
-leaves it exactly as it was.
+Nothing in the session changes until a whole call has succeeded: a bad input, a backend error,
+a turn whose result is not finite, or an interrupt leaves it exactly as it was. Everything a
+conversation holds, except the KV cache (written in place), is one immutable `Conversation`
+value, so a call commits by replacing it in one assignment.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from timar_sdk.audio import RunningNorm, to_float32
-from timar_sdk.layout import MOTION_DIM, MOTION_NAMES
-from timar_sdk.runtime.backends import make_backend
-from timar_sdk.runtime.bundle import Bundle, BundleError
+from timar_sdk.errors import BundleError, TimarInputError, TimarRuntimeError
+from timar_sdk.layout import MOTION_DIM, MOTION_LIMIT
+from timar_sdk.runtime.backends import BACKENDS, make_backend
+from timar_sdk.runtime.bundle import CFG_RANGE, TEMPERATURE_RANGE, Bundle
 from timar_sdk.runtime.ring import TurnRing
 from timar_sdk.runtime.rng import PhiloxNormal
 from timar_sdk.sampler import respaced_schedule, sample_turn
 
+__all__ = ["Conversation", "Session", "TimarInputError", "TimarRuntimeError"]
 
-class TimarInputError(ValueError):
-    """A bad argument to a Session call; the message names the argument and what was expected."""
+EMPTY_BUFFERS = (np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, MOTION_DIM), np.float32))
+SETTINGS = ("seed", "steps", "temperature", "cfg", "history", "context_turns")
+"""What shapes the noise stream and the cache: a snapshot is only valid under the same values."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One conversation's state, apart from the KV cache. Never changed in place.
+
+    ring: ages of the cache slots. noise: Philox counter state. turns: turns committed.
+    tokens: window_recompute bundles, past turns' tokens [P, D] each, oldest first.
+    audio_norm: window_recompute bundles, running (user, agent) audio statistics.
+    buffers: audio (float32 [samples]) and user motion (float32 [frames, 56]) not yet in a turn.
+    motion_tracked: user motion was fed since the last reset (turns then wait for it).
+    last_motion: the last user motion frame fed, float32 [56] (pads a lagging tracker in flush).
+    """
+    ring: TurnRing
+    noise: dict
+    turns: int = 0
+    tokens: tuple = ()
+    audio_norm: tuple = ()
+    buffers: tuple = EMPTY_BUFFERS
+    motion_tracked: bool = False
+    last_motion: np.ndarray | None = None
+
+    @property
+    def user_audio(self) -> np.ndarray:
+        return self.buffers[0]
+
+    @property
+    def agent_audio(self) -> np.ndarray:
+        return self.buffers[1]
+
+    @property
+    def user_motion(self) -> np.ndarray:
+        return self.buffers[2]
 
 
 class Session:
     """A streaming TIMAR session over a bundle.
 
-    bundle: a bundle folder (None: the default bundle shipped in the package).
+    bundle: a bundle folder (str or path), a loaded `Bundle`, or None for the default bundle
+        shipped in the package.
     backend: "auto" | "onnxruntime" | "tensorrt" | "torch".
-    seed: seed of the portable Philox generator (same seed, same motion, on every backend).
-    steps, temperature, cfg, history: sampling settings; None takes the manifest's defaults.
-    threads: intra-op threads of the backend (None: the backend's default).
+    seed: seed of the portable Philox generator, an integer in [0, 2^64) (same seed, same
+        motion, on every backend).
+    steps (1..1000), temperature (0..10), cfg (0..20), history ("masked" | "feedback"):
+        sampling settings; None takes the manifest's defaults.
+    threads: intra-op threads of the backend, 1..(CPUs of this process) (None: the backend's
+        default).
     context_turns: past turns kept visible, 0..W-1 (None: all W-1), for context experiments.
+    Raises TimarInputError naming the argument, or BundleError naming the bundle file.
     """
 
-    def __init__(self, bundle=None, backend: str = "auto", seed: int = 0, steps: int | None = None,
-                 temperature: float | None = None, cfg: float | None = None, history: str | None = None,
-                 threads: int | None = None, context_turns: int | None = None):
+    def __init__(self, bundle: str | os.PathLike | Bundle | None = None, backend: str = "auto", seed: int = 0,
+                 steps: int | None = None, temperature: float | None = None, cfg: float | None = None,
+                 history: str | None = None, threads: int | None = None, context_turns: int | None = None):
         t0 = time.perf_counter()
+        if bundle is not None and not isinstance(bundle, (str, os.PathLike, Bundle)):
+            raise TimarInputError(f"bundle: expected a bundle folder (str or path), a Bundle or None, "
+                                  f"got {bundle!r}")
+        if backend not in BACKENDS:
+            raise TimarInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         m = self.bundle.manifest
         if m["generator"]["name"] != PhiloxNormal.NAME:
@@ -52,27 +103,27 @@ class Session:
         if self.window and m["audio_normalization"]["mode"] != "running":
             raise BundleError(f"manifest.json: audio_normalization {m['audio_normalization']['mode']!r} is not "
                               f"implemented for window_recompute bundles (this runtime has 'running')")
-        defaults = m["sampling"]
-        self.steps = int(defaults["steps"] if steps is None else steps)
-        self.temperature = float(defaults["temperature"] if temperature is None else temperature)
-        self.cfg = float(defaults["cfg"] if cfg is None else cfg)
+        defaults, w = m["sampling"], m["context_turns"]
+        self.seed = _integer("seed", seed, 0, 2**64 - 1)
+        self.steps = _integer("steps", defaults["steps"] if steps is None else steps,
+                              1, m["diffusion"]["num_train_steps"])
+        self.temperature = _real("temperature", defaults["temperature"] if temperature is None else temperature,
+                                 *TEMPERATURE_RANGE)
+        self.cfg = _real("cfg", defaults["cfg"] if cfg is None else cfg, *CFG_RANGE)
         self.history = m["history"] if history is None else history
         if self.history not in ("masked", "feedback"):
             raise TimarInputError(f"history: expected 'masked' or 'feedback', got {history!r}")
         if self.window and self.history != "masked":
             raise TimarInputError("history: window_recompute bundles (the authors' models) support only "
                                   "'masked' (their --mask_history_agent)")
-        if not self.temperature >= 0:
-            raise TimarInputError(f"temperature: expected a number >= 0, got {temperature!r}")
-        if not np.isfinite(self.cfg):
-            raise TimarInputError(f"cfg: expected a finite number, got {cfg!r}")
+        self.context_turns = None if context_turns is None else _integer("context_turns", context_turns, 0, w - 1)
+        if threads is not None:
+            threads = _integer("threads", threads, 1, _cpus())
         self.schedule = respaced_schedule(self.bundle.alphas_cumprod, self.steps)
-        self.seed = seed
         self.frames = m["frames_per_turn"]
         self.samples = m["samples_per_turn"]
         self.rows = 1 if self.cfg == 1.0 else 2
         self._mean, self._std = self.bundle.motion_mean, self.bundle.motion_std
-        self._context = context_turns
         self.backend = make_backend(backend, self.bundle, threads)
         self.reset()
         self.start_seconds = time.perf_counter() - t0
@@ -80,41 +131,88 @@ class Session:
     # ---- public API ------------------------------------------------------------------------
     @property
     def info(self) -> dict:
+        """The bundle's and the session's facts (motion names: timar_sdk.MOTION_NAMES)."""
         m = self.bundle.manifest
         return {"fps": m["fps"], "frames_per_turn": self.frames, "sample_rate": m["sample_rate"],
                 "samples_per_turn": self.samples, "motion_dim": MOTION_DIM,
-                "motion_names": list(MOTION_NAMES), "motion_layout": {k: m["motion_layout"][k] for k in ("exp", "jaw", "neck")},
-                "context_turns": m["context_turns"], "history": self.history, "steps": self.steps,
-                "temperature": self.temperature, "cfg": self.cfg, "attention": m["attention"],
-                "backend": self.backend.name,
+                "motion_layout": {k: m["motion_layout"][k] for k in ("exp", "jaw", "neck")},
+                "context_turns": m["context_turns"], "history": self.history, "seed": self.seed,
+                "steps": self.steps, "temperature": self.temperature, "cfg": self.cfg,
+                "attention": m["attention"], "backend": self.backend.name,
                 "providers": list(self.backend.providers), "model_preset": m["model"]["preset"],
-                "turns": self.turns}
+                "state_bytes": self.state_bytes, "turns": self.turns}
+
+    @property
+    def turns(self) -> int:
+        """Turns committed since the last reset."""
+        return self._conv.turns
+
+    @property
+    def state_bytes(self) -> int:
+        """Memory of this conversation's model state: the KV cache (cached bundles:
+        layers x 2 x rows x heads x (W-1)*110 x head_dim float32) or the token window and audio
+        statistics (window_recompute bundles, at most W-1 turns of 110 tokens)."""
+        if self.window:
+            return sum(t.nbytes for t in self._conv.tokens)
+        return int(np.prod(self.backend.cache_shape[:2])) * self.rows * int(np.prod(self.backend.cache_shape[3:])) * 4
 
     def reset(self) -> None:
         """Back to a fresh session: empty cache and buffers, generator at its seed."""
         m = self.bundle.manifest
-        self._ring = TurnRing.empty(m["context_turns"], m["turn_layout"]["tokens_per_turn"], self._context)
+        ring = TurnRing.empty(m["context_turns"], m["turn_layout"]["tokens_per_turn"], self.context_turns)
+        norms = ()
         if self.window:
-            self._tokens: tuple[np.ndarray, ...] = ()      # past turns' tokens [P, D], oldest first
             eps = float(m["audio_normalization"].get("eps", 1e-7))
-            self._audio_norm = (RunningNorm(eps=eps), RunningNorm(eps=eps))   # user, agent
+            norms = (RunningNorm(eps=eps), RunningNorm(eps=eps))   # user, agent
         else:
             self._cache = self.backend.new_cache(self.rows)
-        self._noise = PhiloxNormal(self.seed)
-        self._buf = {"user_audio": np.zeros(0, np.float32), "agent_audio": np.zeros(0, np.float32),
-                     "user_motion": np.zeros((0, MOTION_DIM), np.float32)}
-        self._motion_tracked = False
-        self.turns = 0
+        self._conv = Conversation(ring, PhiloxNormal(self.seed).get_state(), audio_norm=norms)
+
+    def prime_audio_normalization(self, user_audio=None, agent_audio=None) -> None:
+        """Start the audio normalisation of a window_recompute bundle (the authors' models) from
+        known statistics instead of from nothing: the first turns are then normalised close to the
+        authors' whole-file normalisation (docs/AUTHORS_CHECKPOINT.md measures it).
+
+        Each argument is, for that speaker, a calibration clip (a 1-D float32/float64 array in
+        [-1, 1] or int16 at the bundle's rate, e.g. a few seconds through the same microphone and
+        gain) or a `timar_sdk.audio.RunningNorm` (e.g. `RunningNorm.from_stats(mean, var, count)`);
+        None leaves that speaker's statistics as they are. The given statistics replace those
+        heard so far; every later turn adds to them. Part of get_state(); reset() clears them.
+        Raises TimarInputError naming the argument for a cached bundle (the SDK's models do not
+        normalise audio) or bad input; nothing changes then.
+        """
+        from dataclasses import replace as _replace
+        if not self.window:
+            given = "user_audio" if user_audio is not None else "agent_audio"
+            raise TimarInputError(f"{given}: prime_audio_normalization is for window_recompute bundles (the "
+                                  f"authors' models); this bundle's attention is "
+                                  f"{self.bundle.manifest['attention']!r} and does not normalise audio")
+        norms = list(self._conv.audio_norm)
+        for i, (name, value) in enumerate((("user_audio", user_audio), ("agent_audio", agent_audio))):
+            if value is None:
+                continue
+            eps = norms[i].eps
+            if isinstance(value, RunningNorm):
+                try:
+                    value.check()
+                except ValueError as e:
+                    raise TimarInputError(f"{name}: {e}") from None
+                norms[i] = _replace(value, eps=eps)      # the bundle's eps
+            else:
+                norms[i] = RunningNorm(eps=eps).update(self._audio(value, name))
+        self._conv = _replace(self._conv, audio_norm=tuple(norms))
 
     def step(self, user_audio, user_motion, agent_audio) -> np.ndarray:
-        """Exactly one turn. Audio: [samples_per_turn] float32/int16 at the bundle's rate;
-        user_motion: [frames_per_turn, 56] raw FLAME values, or None when the user's face is not
-        tracked. Returns the agent's motion float32 [frames_per_turn, 56]."""
+        """Exactly one turn. Audio: [samples_per_turn] float32/float64 in [-1, 1] or int16 at the
+        bundle's rate; user_motion: [frames_per_turn, 56] raw FLAME values, or None when the
+        user's face is not tracked. Returns the agent's motion float32 [frames_per_turn, 56].
+        Ignores (and keeps) what feed() has buffered."""
         ua = self._audio(user_audio, "user_audio", exact=True)
         aa = self._audio(agent_audio, "agent_audio", exact=True)
         um = None if user_motion is None else self._motion(user_motion, "user_motion", exact=True)
-        motion, commit = self._turn(ua, um, aa)
-        commit()
+        motion, conv, write = self._turn(self._conv, ua, um, aa)
+        write()
+        self._conv = conv
         return motion
 
     def feed(self, user_audio=None, user_motion=None, agent_audio=None) -> np.ndarray:
@@ -125,97 +223,100 @@ class Session:
         been fed since the last reset, the user motion holds a whole turn too. Never feed user
         motion for a user whose face is not tracked: those turns use the "absent" embedding.
         """
-        buf = dict(self._buf)
+        conv = self._conv
+        ua, aa, um = conv.buffers
+        last = conv.last_motion
         if user_audio is not None:
-            buf["user_audio"] = np.concatenate([buf["user_audio"], self._audio(user_audio, "user_audio")])
+            ua = np.concatenate([ua, self._audio(user_audio, "user_audio")])
         if agent_audio is not None:
-            buf["agent_audio"] = np.concatenate([buf["agent_audio"], self._audio(agent_audio, "agent_audio")])
-        tracked = self._motion_tracked or user_motion is not None
+            aa = np.concatenate([aa, self._audio(agent_audio, "agent_audio")])
         if user_motion is not None:
-            buf["user_motion"] = np.concatenate([buf["user_motion"], self._motion(user_motion, "user_motion")])
-
-        ready = min(len(buf["user_audio"]) // self.samples, len(buf["agent_audio"]) // self.samples)
-        if tracked:
-            ready = min(ready, len(buf["user_motion"]) // self.frames)
-
-        out = []
-        # Commit turn by turn, but roll all of them back if a later one fails. A single turn
-        # fails before its commit, so the snapshot (a copy of the cache) is needed only for two
-        # or more: a 20 ms audio callback never pays for it.
-        saved = self.get_state(include_buffers=False) if ready >= 2 else None
-        try:
-            for _ in range(ready):
-                um = buf["user_motion"][:self.frames] if tracked else None
-                motion, commit = self._turn(buf["user_audio"][:self.samples], um, buf["agent_audio"][:self.samples])
-                commit()
-                out.append(motion)
-                buf = {"user_audio": buf["user_audio"][self.samples:], "agent_audio": buf["agent_audio"][self.samples:],
-                       "user_motion": buf["user_motion"][self.frames:] if tracked else buf["user_motion"]}
-        except Exception:
-            if saved is not None:
-                self.set_state(saved, include_buffers=False)
-            raise
-        self._buf, self._motion_tracked = buf, tracked
-        return np.concatenate(out) if out else np.zeros((0, MOTION_DIM), np.float32)
+            fed = self._motion(user_motion, "user_motion")
+            um, last = np.concatenate([um, fed]), fed[-1].copy()
+        conv = replace(conv, buffers=(ua, aa, um), motion_tracked=conv.motion_tracked or user_motion is not None,
+                       last_motion=last)
+        ready = min(len(ua), len(aa)) // self.samples
+        if conv.motion_tracked:
+            ready = min(ready, len(um) // self.frames)
+        motion, conv = self._run_turns(conv, ready)
+        self._conv = conv
+        return motion
 
     def flush(self) -> np.ndarray:
-        """Finish a trailing partial turn: pad audio with silence (and user motion with its last
-        frame), run it, and return only the frames the real audio covers."""
-        real = min(len(self._buf["user_audio"]), len(self._buf["agent_audio"]))
+        """Finish the conversation's buffered audio: run every buffered turn, the last one padded
+        with silence, and return the frames the real audio covers, float32 [n, 56] with
+        n = floor(samples * fps / sample_rate) of the shorter audio stream (the longer stream's
+        extra samples are dropped). A tracked user's motion that lags behind the audio is padded
+        with the last frame fed. Afterwards the buffers are empty."""
+        conv = self._conv
+        ua, aa, um = conv.buffers
+        real = min(len(ua), len(aa))
         n_frames = real * self.frames // self.samples
         if n_frames == 0:
-            self._buf = {k: v[:0] for k, v in self._buf.items()}
+            self._conv = replace(conv, buffers=EMPTY_BUFFERS)
             return np.zeros((0, MOTION_DIM), np.float32)
-        pad = lambda a: np.pad(a[:self.samples], (0, max(0, self.samples - len(a))))  # noqa: E731
-        um = None
-        if self._motion_tracked and len(self._buf["user_motion"]):
-            have = self._buf["user_motion"][:self.frames]
-            um = np.concatenate([have, np.repeat(have[-1:], self.frames - len(have), 0)])
-        motion, commit = self._turn(pad(self._buf["user_audio"]), um, pad(self._buf["agent_audio"]))
-        commit()
-        self._buf = {k: v[:0] for k, v in self._buf.items()}
+        turns = -(-real // self.samples)
+        pad = lambda a: np.pad(a[:real], (0, turns * self.samples - real))  # noqa: E731
+        if conv.motion_tracked:
+            need = turns * self.frames - len(um)
+            if need > 0:
+                um = np.concatenate([um, np.repeat(conv.last_motion[None], need, axis=0)])
+        motion, conv = self._run_turns(replace(conv, buffers=(pad(ua), pad(aa), um)), turns)
+        self._conv = replace(conv, buffers=EMPTY_BUFFERS)
         return motion[:n_frames]
 
     def get_state(self, include_buffers: bool = True) -> dict:
-        """A snapshot (cache or token window, ring ages, generator counter, buffers) to fork or
-        restore later."""
-        state = {"bundle": self.bundle.id, "rows": self.rows, "slot_age": list(self._ring.slot_age),
-                 "noise": self._noise.get_state(), "turns": self.turns}
+        """A snapshot to fork or restore later: the bundle id, the settings, the cache (cached
+        bundles, `state_bytes` of float32) or token window and audio statistics, the ring ages,
+        the generator counter, and (include_buffers) the audio and motion not yet in a turn."""
+        c = self._conv
+        state = {"bundle": self.bundle.id, "settings": self._settings(), "rows": self.rows,
+                 "slot_age": list(c.ring.slot_age), "noise": dict(c.noise), "turns": c.turns}
         if self.window:
-            state["tokens"] = [t.copy() for t in self._tokens]
-            state["audio_norm"] = [n.to_list() for n in self._audio_norm]
+            state["tokens"] = [t.copy() for t in c.tokens]
+            state["audio_norm"] = [n.to_list() for n in c.audio_norm]
         else:
             state["cache"] = self.backend.cache_to_numpy(self._cache)
         if include_buffers:
-            state["buffers"] = {k: v.copy() for k, v in self._buf.items()}
-            state["motion_tracked"] = self._motion_tracked
+            state["buffers"] = {"user_audio": c.user_audio.copy(), "agent_audio": c.agent_audio.copy(),
+                                "user_motion": c.user_motion.copy()}
+            state["motion_tracked"] = c.motion_tracked
+            state["last_motion"] = None if c.last_motion is None else c.last_motion.copy()
         return state
 
     def set_state(self, state: dict, include_buffers: bool = True) -> None:
-        """Restore a snapshot taken by get_state on a session of the same bundle and settings."""
-        if not isinstance(state, dict) or state.get("bundle") != self.bundle.id:
-            raise TimarInputError("state: expected a get_state() snapshot of a session on this bundle")
-        if self.window:
-            self._tokens = tuple(np.array(t, np.float32, copy=True) for t in state["tokens"])
-            self._audio_norm = tuple(RunningNorm.from_list(v, n.eps) for v, n in zip(state["audio_norm"], self._audio_norm))
-        else:
-            cache = np.asarray(state["cache"])
-            if list(cache.shape) != list(self.backend.cache_to_numpy(self._cache).shape):
-                raise TimarInputError(f"state: cache shape {list(cache.shape)} does not match this session's "
-                                      "(same bundle, but another cfg setting?)")
+        """Restore a snapshot taken by get_state on a session of the same bundle and settings.
+        Everything is checked before anything changes: a refused snapshot leaves the session as
+        it was."""
+        conv, cache = self._check_state(state, include_buffers)
+        if cache is not None:
             self._cache = self.backend.cache_from_numpy(cache)
-        self._ring = TurnRing(self._ring.context_turns, self._ring.tokens_per_turn,
-                              tuple(state["slot_age"]), self._context)
-        self._noise = PhiloxNormal(self.seed)
-        self._noise.set_state(state["noise"])
-        self.turns = state["turns"]
-        if include_buffers:
-            self._buf = {k: np.array(v, copy=True) for k, v in state["buffers"].items()}
-            self._motion_tracked = state["motion_tracked"]
+        self._conv = conv
 
     # ---- the turn ------------------------------------------------------------------------------
-    def _turn(self, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray):
-        """Run one turn without changing the session; returns (motion, commit)."""
+    def _run_turns(self, conv: Conversation, turns: int) -> tuple[np.ndarray, Conversation]:
+        """Run `turns` whole turns from the front of conv's buffers. Returns their motion and the
+        conversation after them; on any exception (interrupts included) the cache is put back,
+        so the caller, which commits by assigning the result, leaves the session as it was."""
+        s, f, out = self.samples, self.frames, []
+        # A single turn fails before it writes the cache; two or more need a copy to roll back.
+        saved = self.backend.cache_to_numpy(self._cache) if turns >= 2 and not self.window else None
+        try:
+            for _ in range(turns):
+                ua, aa, um = conv.buffers
+                motion, conv, write = self._turn(conv, ua[:s], um[:f] if conv.motion_tracked else None, aa[:s])
+                write()
+                out.append(motion)
+                conv = replace(conv, buffers=(ua[s:], aa[s:], um[f:] if conv.motion_tracked else um))
+        except BaseException:
+            if saved is not None:
+                self._cache = self.backend.cache_from_numpy(saved)
+            raise
+        return (np.concatenate(out) if out else np.zeros((0, MOTION_DIM), np.float32)), conv
+
+    def _turn(self, conv: Conversation, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray):
+        """Run one turn without changing the session. Returns (motion [F, 56], the conversation
+        after the turn, write): `write()` puts the turn's keys/values into the cache."""
         f, r = self.frames, self.rows
         # A user whose face is not tracked reads as the neutral face (all-zero FLAME parameters);
         # the SDK's models also get the "absent" flag, which replaces those tokens.
@@ -223,28 +324,33 @@ class Session:
         user_motion = ((raw - self._mean) / self._std).astype(np.float32)
         rep = lambda a: np.repeat(a[None], r, axis=0)  # noqa: E731
         uncond = np.array([0.0, 1.0][:r], np.float32)
+        new_state = []                                  # what the turn adds, checked for finiteness
+        norms, tokens = conv.audio_norm, conv.tokens
         if self.window:
-            norms = (self._audio_norm[0].update(ua), self._audio_norm[1].update(aa))
+            norms = (norms[0].update(ua), norms[1].update(aa))
             feats = self.backend.encode_audio(np.stack([norms[0].apply(ua), norms[1].apply(aa)]))
-            tokens = self.backend.embed_turn({"user_speech": rep(feats[0]), "agent_speech": rep(feats[1]),
-                                              "user_motion": rep(user_motion), "uncond": uncond})
-            visible = self._ring.visible_turns            # context experiment: fewer past turns
-            n_past = len(self._tokens) if visible is None else min(visible, len(self._tokens))
-            window = tokens
+            turn_tokens = self.backend.embed_turn({"user_speech": rep(feats[0]), "agent_speech": rep(feats[1]),
+                                                   "user_motion": rep(user_motion), "uncond": uncond})
+            visible = conv.ring.visible_turns             # context experiment: fewer past turns
+            n_past = len(tokens) if visible is None else min(visible, len(tokens))
+            window = turn_tokens
             if n_past:                                      # past turns (conditional row) + this turn
-                past = np.concatenate(self._tokens[len(self._tokens) - n_past:])
-                window = np.concatenate([np.repeat(past[None], r, axis=0), tokens], axis=1)
+                past = np.concatenate(tokens[len(tokens) - n_past:])
+                window = np.concatenate([np.repeat(past[None], r, axis=0), turn_tokens], axis=1)
             z = self.backend.encode_window(window)
+            keep = self.bundle["context_turns"] - 1
+            tokens = (tokens + (turn_tokens[0],))[-keep:] if keep else ()
+            new_state.append(turn_tokens[0])
         else:
             feats = self.backend.encode_audio(np.stack([ua, aa]))
             inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion),
                       "agent_speech": rep(feats[1]), "agent_motion": np.zeros((r, f, MOTION_DIM), np.float32),
                       "agent_mask": np.ones((r, f), np.float32), "uncond": uncond,
                       "user_motion_absent": np.full(r, 1.0 if um is None else 0.0, np.float32),
-                      "past_turn_age": self._ring.token_ages(r)}
+                      "past_turn_age": conv.ring.token_ages(r)}
             z, present = self.backend.encoder_step(inputs, self._cache)
         noise = PhiloxNormal(self.seed)
-        noise.set_state(self._noise.get_state())
+        noise.set_state(conv.noise)
         x = sample_turn(self.backend.denoise, z.reshape(-1, z.shape[-1]), noise, self.schedule,
                         self.temperature, self.cfg)
         if self.history == "feedback":
@@ -252,22 +358,26 @@ class Session:
                           uncond=np.zeros(r, np.float32))
             _, present = self.backend.encoder_step(inputs, self._cache)
         motion = (x * self._std + self._mean).astype(np.float32)
+        if not self.window and isinstance(present, np.ndarray):   # device caches: z stands for them
+            new_state.append(present)
+        if not all(np.isfinite(a).all() for a in (motion, z, *new_state)):
+            raise TimarRuntimeError(f"turn {conv.turns}: the model produced NaN or Inf from finite, in-range "
+                                    f"input; the session is unchanged (is the bundle's model sound?)")
 
-        def commit():
-            if self.window:
-                keep = self._ring.context_turns - 1
-                self._tokens = (self._tokens + (tokens[0],))[-keep:] if keep else ()
-                self._audio_norm = norms
-            else:
-                slot = self._ring.next_slot()
-                if slot >= 0:
-                    self._cache = self.backend.commit(self._cache, present, slot)
-            self._ring = self._ring.advance()
-            self._noise = noise
-            self.turns += 1
-        return motion, commit
+        slot = -1 if self.window else conv.ring.next_slot()
 
-    # ---- input checks --------------------------------------------------------------------------
+        def write() -> None:
+            if slot >= 0:
+                self._cache = self.backend.commit(self._cache, present, slot)
+
+        after = replace(conv, ring=conv.ring.advance(), noise=noise.get_state(), turns=conv.turns + 1,
+                        tokens=tokens, audio_norm=norms)
+        return motion, after, write
+
+    # ---- checks --------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {k: getattr(self, k) for k in SETTINGS}
+
     def _audio(self, audio, name: str, exact: bool = False) -> np.ndarray:
         a = to_float32(audio, name)
         if exact and len(a) != self.samples:
@@ -284,6 +394,126 @@ class Session:
             raise TimarInputError(f"{name}: expected {self.frames} frames (one turn), got {m.shape[0]}")
         if m.shape[0] == 0:
             raise TimarInputError(f"{name}: empty array")
+        with np.errstate(over="ignore"):     # float64 beyond float32 becomes Inf, refused below
+            m = m.astype(np.float32)
         if not np.isfinite(m).all():
-            raise TimarInputError(f"{name}: contains NaN or Inf")
-        return m.astype(np.float32)
+            raise TimarInputError(f"{name}: contains NaN or Inf (or values beyond float32)")
+        peak = float(np.abs(m).max())
+        if peak > MOTION_LIMIT:
+            raise TimarInputError(f"{name}: expected FLAME values within +-{MOTION_LIMIT:g} (expression "
+                                  f"coefficients and radians), got a value of magnitude {peak:.4g}")
+        return m
+
+    def _check_state(self, state, include_buffers: bool) -> tuple[Conversation, np.ndarray | None]:
+        """The Conversation (and cache) a snapshot describes, every part checked."""
+        def bad(what: str):
+            return TimarInputError(f"state: {what}")
+
+        if not isinstance(state, dict) or state.get("bundle") != self.bundle.id:
+            raise bad("expected a get_state() snapshot of a session on this bundle")
+        need = ["settings", "slot_age", "noise", "turns"] + (["tokens", "audio_norm"] if self.window else ["cache"])
+        if include_buffers:
+            need += ["buffers", "motion_tracked", "last_motion"]
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise bad(f"missing {missing}; expected a get_state() snapshot")
+        settings = state["settings"] if isinstance(state["settings"], dict) else {}
+        for key, value in self._settings().items():
+            if settings.get(key, object()) != value:
+                raise bad(f"taken with {key}={settings.get(key)!r}, this session has {key}={value!r}; "
+                          f"restore it into a session made with the same settings")
+        turns = state["turns"]
+        if isinstance(turns, bool) or not isinstance(turns, (int, np.integer)) or turns < 0:
+            raise bad(f"turns: expected an integer >= 0, got {turns!r}")
+        ring = TurnRing.empty(self._conv.ring.context_turns, self._conv.ring.tokens_per_turn, self.context_turns)
+        for _ in range(_ring_steps(int(turns), ring.slots)):
+            ring = ring.advance()
+        if list(state["slot_age"]) != list(ring.slot_age):
+            raise bad(f"slot_age {list(state['slot_age'])} is not the ring of a session after {turns} turns "
+                      f"(expected {list(ring.slot_age)})")
+        noise = state["noise"]
+        try:
+            PhiloxNormal(self.seed).set_state(noise)
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"noise: expected the generator state {{'seed', 'counter'}}, got {noise!r} ({e})") from None
+        if noise["seed"] != self.seed:
+            raise bad(f"noise: generator seed {noise['seed']} differs from this session's seed {self.seed}")
+        blocks = -(-(self.steps + 1) * self.frames * MOTION_DIM // 4)     # one noise request per turn
+        if noise["counter"] != turns * blocks:
+            raise bad(f"noise: generator counter {noise['counter']} is not that of {turns} turns "
+                      f"({turns} x {blocks} blocks)")
+        cache, tokens, norms = None, (), ()
+        if self.window:
+            p, d = self.bundle["window"]["tokens_per_turn"], self.bundle["window"]["token_dim"]
+            tokens = tuple(_finite_array(t, (p, d), "tokens") for t in state["tokens"])
+            if len(tokens) != min(int(turns), ring.slots):
+                raise bad(f"tokens: expected {min(int(turns), ring.slots)} turns of tokens, got {len(tokens)}")
+            eps = self._conv.audio_norm[0].eps
+            try:
+                norms = tuple(RunningNorm.from_list(v, eps) for v in state["audio_norm"])
+            except (TypeError, ValueError) as e:
+                raise bad(f"audio_norm: expected two [count, sum, sum of squares] lists ({e})") from None
+            if len(norms) != 2 or not all(n.count >= 0 and n.total_sq >= 0 and math.isfinite(n.total)
+                                          and math.isfinite(n.total_sq) for n in norms):
+                raise bad("audio_norm: expected two finite [count >= 0, sum, sum of squares >= 0] lists")
+        else:
+            shape = list(self.backend.cache_shape)
+            shape[2] = self.rows
+            cache = _finite_array(state["cache"], tuple(shape), "cache")
+        conv = Conversation(ring, {"seed": int(noise["seed"]), "counter": int(noise["counter"])}, int(turns),
+                            tokens, norms, self._conv.buffers, self._conv.motion_tracked, self._conv.last_motion)
+        if include_buffers:
+            buffers = state["buffers"]
+            if not isinstance(buffers, dict) or set(buffers) != {"user_audio", "agent_audio", "user_motion"}:
+                raise bad("buffers: expected {'user_audio', 'agent_audio', 'user_motion'}")
+            audio = [self._audio(buffers[k], f"state: buffers.{k}") if len(buffers[k]) else np.zeros(0, np.float32)
+                     for k in ("user_audio", "agent_audio")]
+            motion = buffers["user_motion"]
+            motion = self._motion(motion, "state: buffers.user_motion") if len(motion) else np.zeros((0, MOTION_DIM), np.float32)
+            last = state["last_motion"]
+            if last is not None:
+                last = self._motion(np.asarray(last).reshape(1, -1), "state: last_motion")[0]
+            if not isinstance(state["motion_tracked"], (bool, np.bool_)) or (state["motion_tracked"] and last is None
+                                                                              and len(motion) == 0):
+                raise bad("motion_tracked: expected a bool (True only once user motion was fed)")
+            conv = replace(conv, buffers=(audio[0], audio[1], motion), motion_tracked=bool(state["motion_tracked"]),
+                           last_motion=last if last is not None or not len(motion) else motion[-1].copy())
+        return conv, cache
+
+
+def _integer(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise TimarInputError(f"{name}: expected an integer in {lo}..{hi}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value, lo: float, hi: float) -> float:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not (math.isfinite(value) and lo <= value <= hi)):
+        raise TimarInputError(f"{name}: expected a finite number in {lo:g}..{hi:g}, got {value!r}")
+    return float(value)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (the affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ring_steps(turns: int, slots: int) -> int:
+    """Advances from an empty ring that give the ring of `turns` turns: once full it repeats
+    every `slots` turns."""
+    if slots == 0 or turns <= slots:
+        return turns
+    return slots + (turns - slots) % slots
+
+
+def _finite_array(value, shape: tuple, name: str) -> np.ndarray:
+    a = np.asarray(value)
+    if a.shape != shape or not np.issubdtype(a.dtype, np.floating):
+        raise TimarInputError(f"state: {name}: expected a float array of shape {list(shape)}, got {a.dtype} "
+                              f"{list(a.shape)} (another bundle or cfg setting?)")
+    a = np.array(a, np.float32, copy=True)
+    if not np.isfinite(a).all():
+        raise TimarInputError(f"state: {name}: contains NaN or Inf")
+    return a
+

@@ -1,5 +1,5 @@
 """TensorRT backend: the bundle's engines for this GPU, run with the TensorRT 10 Python API,
-pycuda device buffers and one CUDA stream (DESIGN.md sections 3-4).
+pycuda device buffers and one CUDA stream (docs/DESIGN.md sections 3-4).
 
 Same interface as the backends in ``backends.py`` (numpy in and out at the edges), but the KV
 cache stays on the GPU between turns: ``encoder_step`` binds each layer's keys and values
@@ -185,7 +185,7 @@ class TensorRTBackend:
             self._stream = cuda.Stream()
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
-            path = {g: bundle.dir / entry["files"][g]["file"] for g in GRAPHS}
+            path = {g: bundle.file_path(entry["files"][g]["file"], f"engines.files.{g}.file") for g in GRAPHS}
             self._engines = {
                 "audio_encoder": _Engine(trt, cuda, self._runtime, path["audio_encoder"]),
                 "encoder_step": _Engine(trt, cuda, self._runtime, path["encoder_step"],
