@@ -16,6 +16,35 @@ import torch
 
 # model name -> (encoder_embed_dim, encoder_depth + decoder_depth, heads), their factories
 THEIR_MODELS = {"timar_base": (768, 24, 12), "timar_large": (1024, 32, 16)}
+# Not theirs: a small model in the same format, for the default test run (timar_base's import,
+# export and runtime need more than 4 GB). The importer knows it only through a test-registered
+# AUTHORS_PRESETS entry (tests/test_authors.py). Its token and diffusion widths differ from each
+# other and from the block width, so a transposed or swapped weight cannot pass as right.
+SMALL_MODELS = {"timar_test": (64, 2, 4)}
+SMALL_TOKEN_DIM, SMALL_DIFF_WIDTH, SMALL_DIFF_DEPTH = 48, 96, 2
+
+
+def model_dims(model: str) -> dict[str, int]:
+    """width, blocks, heads and the args' token_dim, diff_width, diff_depth of a model above (the
+    release command's 1024, 1024, 3 for theirs)."""
+    if model in THEIR_MODELS:
+        (width, blocks, heads), extra = THEIR_MODELS[model], (1024, 1024, 3)
+    else:
+        (width, blocks, heads), extra = SMALL_MODELS[model], (SMALL_TOKEN_DIM, SMALL_DIFF_WIDTH, SMALL_DIFF_DEPTH)
+    return dict(width=width, blocks=blocks, heads=heads, **dict(zip(("token_dim", "diff_width", "diff_depth"), extra)))
+
+
+def model_state_shapes(model: str, speech_dim: int = 1024) -> dict[str, tuple]:
+    d = model_dims(model)
+    return authors_state_shapes(d["width"], d["blocks"], token_dim=d["token_dim"], speech_dim=speech_dim,
+                                diff_width=d["diff_width"], diff_depth=d["diff_depth"])
+
+
+def model_args(model: str, speech_dim: int = 1024, **overrides) -> argparse.Namespace:
+    """their_args with the model's token/diffusion widths (the same as their_args' for theirs)."""
+    d = model_dims(model)
+    return their_args(model, speech_dim, **{"token_embed_dim": d["token_dim"], "diffloss_w": d["diff_width"],
+                                            "diffloss_d": d["diff_depth"], **overrides})
 
 
 def authors_state_shapes(width: int, blocks: int, token_dim: int = 1024, speech_dim: int = 1024,
@@ -92,23 +121,23 @@ def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Ten
 
 def write_authors_checkpoint(path: Path, model: str = "timar_base", speech_dim: int = 1024,
                              state: dict | None = None, **arg_overrides) -> Path:
-    width, blocks, _ = THEIR_MODELS[model]
     if state is None:
-        state = random_state(authors_state_shapes(width, blocks, speech_dim=speech_dim))
+        state = random_state(model_state_shapes(model, speech_dim))
     ema = {k: v + 0.001 for k, v in state.items()}      # distinguishable from the raw weights
     torch.save({"model": state, "model_ema": ema, "optimizer": {"state": {}, "param_groups": []},
-                "epoch": 399, "scaler": {"scale": 65536.0}, "args": their_args(model, speech_dim, **arg_overrides)},
+                "epoch": 399, "scaler": {"scale": 65536.0}, "args": model_args(model, speech_dim, **arg_overrides)},
                path)
     return path
 
 
 def write_small_wav2vec2(directory: Path, hidden: int = 32) -> Path:
     """A randomly initialised wav2vec2 with lv60-self's structure (stable layer norm, layer-norm
-    feature extractor), shrunk, saved with save_pretrained."""
+    feature extractor, convolutions with bias, so the features depend on the input level), shrunk,
+    saved with save_pretrained."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
     torch.manual_seed(0)
     cfg = Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
-                         conv_dim=(32,) * 7, do_stable_layer_norm=True, feat_extract_norm="layer",
+                         conv_dim=(32,) * 7, conv_bias=True, do_stable_layer_norm=True, feat_extract_norm="layer",
                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
     Wav2Vec2Model(cfg).eval().save_pretrained(directory)
     return directory

@@ -30,6 +30,7 @@ from torch import nn
 from timar_sdk.audio import RunningNorm
 from timar_sdk.layout import MOTION_DIM, tokens_per_turn, turn_layout
 from timar_sdk.model.audio_encoder import Wav2Vec2Encoder
+from timar_sdk.model.checkpoint import load_weights_only
 from timar_sdk.model.config import TimarConfig
 from timar_sdk.model.diffusion import LN_EPS, DiffusionHead, numpy_denoiser
 from timar_sdk.model.timar import MASK_BIAS, Block
@@ -158,7 +159,8 @@ class WindowReference:
     def __init__(self, model: WindowTimar, noise: NoiseSource, steps: int | None = None,
                  temperature: float = 1.0, cfg: float = 1.0):
         self.model, self.noise = model.eval(), noise
-        self.sched = respaced_schedule(model.head.alphas_cumprod.double().numpy(), steps or model.cfg.steps)
+        # The float64 schedule, as the manifest holds it (the head's buffer is float32).
+        self.sched = respaced_schedule(model.head.schedule, steps or model.cfg.steps)
         self.temperature, self.cfg = temperature, float(cfg)
         self.past: list[torch.Tensor] = []                 # [1, P, D] per past turn, oldest first
         self.norms = (RunningNorm(), RunningNorm())
@@ -183,28 +185,28 @@ class WindowReference:
 
 
 # ---- the authors' checkpoint ------------------------------------------------------------------
+ALLOWED_DATA = ("tensors, dicts, lists, tuples, numbers, strings, argparse.Namespace and numpy arrays, "
+                "dtypes and scalars")
+
+
 def _safe_globals() -> list:
+    """What the weights-only loader may construct besides torch's own data: argparse.Namespace and
+    numpy arrays. numpy 2 pickles arrays and scalars as numpy._core.multiarray._reconstruct /
+    .scalar, numpy 1.x as numpy.core.multiarray.*; both names map to the installed numpy's
+    functions (numpy 2 reads numpy 1.x array pickles), nothing else under those modules is allowed."""
     core = getattr(np, "_core", None) or np.core
     extra = [getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType", "Int32DType",
                                              "BoolDType") if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
-    return [argparse.Namespace, core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray,
-            np.dtype, *extra]
+    aliases = [(fn, f"{module}.{fn.__name__}") for fn in (core.multiarray._reconstruct, core.multiarray.scalar)
+               for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
+    return [argparse.Namespace, np.ndarray, np.dtype, *aliases, *extra]
 
 
 def read_authors_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict, read without executing pickled code: tensors, containers, numbers,
-    strings, argparse.Namespace and numpy arrays only; anything else is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt: no such file {str(path)!r}")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
-        raise ValueError(f"ckpt: {path} was refused by the weights-only loader (it may only hold tensors, "
-                         f"dicts, lists, numbers, strings, argparse.Namespace and numpy arrays; "
-                         f"nothing in it was executed): {str(e).splitlines()[-1][:300]}") from None
-    return ckpt
+    strings, argparse.Namespace and numpy arrays (pickled by numpy 1.x or 2) only; anything else
+    is refused, naming the refused global. A damaged file reads "corrupt or truncated file"."""
+    return load_weights_only(path, _safe_globals(), ALLOWED_DATA)
 
 
 def is_authors_checkpoint(ckpt: object) -> bool:
@@ -273,12 +275,16 @@ def config_from_authors(ckpt: dict, wav2vec2_path: str | None) -> WindowTimarCon
     if qkv is None or tuple(qkv.shape) != (3 * width, width):
         raise ValueError(f"ckpt: {name} expects encoder_blocks.0.attn.qkv.weight of shape "
                          f"{(3 * width, width)}, got {None if qkv is None else tuple(qkv.shape)}")
+    proj = state.get("diffloss.net.input_proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 2:
+        raise ValueError("ckpt: the state dict has no diffloss.net.input_proj.weight [width, 56] (the "
+                         "diffusion head's input layer)")
     diff_depth = len({k.split(".")[3] for k in state if k.startswith("diffloss.net.res_blocks.")})
     return WindowTimarConfig(
         preset=name, width=width, depth=depth, heads=heads,
         token_dim=int(getattr(args, "token_embed_dim", 1024)),
         speech_dim=int(getattr(args, "speech_snippet_embed_dim", 1024)),
-        diff_width=int(state["diffloss.net.input_proj.weight"].shape[0]), diff_depth=diff_depth,
+        diff_width=int(proj.shape[0]), diff_depth=diff_depth,
         context_turns=int(getattr(args, "max_context_time", 8)), do_norm=bool(getattr(args, "do_norm", False)),
         wav2vec2_path=wav2vec2_path)
 
@@ -298,19 +304,40 @@ def read_motion_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_authors_model(ckpt_path: str | Path | dict, wav2vec2_path: str | None, ema: bool = True,
-                       motion_stats: tuple[np.ndarray, np.ndarray] | None = None) -> WindowTimar:
+                       motion_stats: tuple[np.ndarray, np.ndarray] | None = None, *,
+                       name: str | None = None) -> WindowTimar:
     """A WindowTimar in eval mode from the authors' checkpoint (a path, or the dict
-    `read_authors_checkpoint` returned; their EMA weights by default, which
-    is what they evaluate with) and a local wav2vec2 directory. motion_stats: (mean, std) [56]
-    for a model trained with do_norm (`read_motion_stats`). Missing/unexpected keys, wrong shapes
-    and a missing or mismatched wav2vec2 give a clear error."""
+    `read_authors_checkpoint` returned, then `name` is the file named in errors; their EMA weights
+    by default, which is what they evaluate with) and a local wav2vec2 directory. motion_stats:
+    (mean, std) [56] for a model trained with do_norm (`read_motion_stats`). Missing/unexpected
+    keys, wrong shapes, unsupported variants and a missing or mismatched wav2vec2 give one
+    ValueError line naming the file and the problem."""
     Wav2Vec2Encoder.check_path(wav2vec2_path)          # before reading a large checkpoint
-    ckpt = read_authors_checkpoint(ckpt_path) if isinstance(ckpt_path, (str, Path)) else ckpt_path
+    if isinstance(ckpt_path, (str, Path)):
+        ckpt, where = read_authors_checkpoint(ckpt_path), str(ckpt_path)
+    else:
+        ckpt, where = ckpt_path, name or "checkpoint"
+    try:
+        return _authors_model(ckpt, wav2vec2_path, ema, motion_stats)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        msg = str(e)
+        if isinstance(e, ValueError) and not msg.startswith("ckpt: "):
+            raise                       # stats: and wav2vec2: errors name their own files
+        detail = (msg[len("ckpt: "):] if msg.startswith("ckpt: ") else
+                  f"not a loadable authors' TIMAR checkpoint ({type(e).__name__}: {msg})")
+        raise ValueError(f"ckpt: {where}: {' '.join(detail.split())}") from e
+
+
+def _authors_model(ckpt, wav2vec2_path, ema, motion_stats) -> WindowTimar:
     if not is_authors_checkpoint(ckpt):
         raise ValueError("ckpt: not an authors' TIMAR checkpoint (no 'model' state dict with "
                          "encoder_blocks.* keys)")
     cfg = config_from_authors(ckpt, wav2vec2_path)
-    state = ckpt["model_ema"] if ema and isinstance(ckpt.get("model_ema"), dict) else ckpt["model"]
+    which = "model_ema" if ema and isinstance(ckpt.get("model_ema"), dict) else "model"
+    state = ckpt[which]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"ckpt: '{which}' holds {len(bad)} entries that are not tensors ({bad[:3]})")
     if cfg.do_norm and motion_stats is None:
         raise ValueError("stats: this checkpoint was trained with --do_norm; pass the stats JSON it was "
                          "trained with (--stats, their data/stat_flame.json)")
@@ -329,9 +356,9 @@ def load_authors_model(ckpt_path: str | Path | dict, wav2vec2_path: str | None, 
     ours = model.state_dict()
     converted = {}
     for theirs, name in mapping.items():
-        if state[theirs].numel() != ours[name].numel():
-            raise ValueError(f"ckpt: {theirs} has shape {tuple(state[theirs].shape)}, expected "
-                             f"{_their_shape(theirs, tuple(ours[name].shape))} for {cfg.preset}")
+        want = _their_shape(theirs, tuple(ours[name].shape))
+        if tuple(state[theirs].shape) not in (want, tuple(ours[name].shape)):   # same size is not enough
+            raise ValueError(f"ckpt: {theirs} has shape {tuple(state[theirs].shape)}, expected {want} for {cfg.preset}")
         converted[name] = state[theirs].float().reshape(ours[name].shape)   # theirs keep leading 1s
     model.load_state_dict(converted, strict=False)    # turn_bias and the speech model are not theirs
     if cfg.do_norm:
