@@ -69,7 +69,7 @@ def test_eval_end_to_end_matches_direct_metrics(predicted, tmp_path):
     split, pred, _ = predicted
     out = tmp_path / "m.json"
     res = CliRunner().invoke(eval_cmd, ["--pred", str(pred), "--gt", str(split),
-                                        "--json", str(out), "--workers", "2"])
+                                        "--json-out", str(out), "--workers", "2"])
     assert res.exit_code == 0, res.output
     assert "EXP" in res.output and "P-FD" in res.output and "files: 4 scored" in res.output
     got = json.loads(out.read_text())
@@ -174,7 +174,7 @@ def test_eval_skips_nan_lists_missing_and_fails_on_errors(split, tmp_path):
     np.save(pred / "syn00001_speaker1.npy", bad)
     np.save(pred / "syn00042_speaker1.npy", np.zeros((50, 56), np.float32))     # no ground truth
     out = tmp_path / "m.json"
-    res = CliRunner().invoke(eval_cmd, ["--pred", str(pred), "--gt", str(split), "--json", str(out)])
+    res = CliRunner().invoke(eval_cmd, ["--pred", str(pred), "--gt", str(split), "--json-out", str(out)])
     assert res.exit_code == 0, res.output
     assert "files: 3 scored" in res.output
     assert "skipped (prediction contains NaN): 1: syn00001_speaker1" in res.output

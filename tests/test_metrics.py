@@ -1,4 +1,4 @@
-"""DualTalk-protocol metrics (DESIGN.md 7)."""
+"""DualTalk-protocol metrics (docs/DESIGN.md 7)."""
 import numpy as np
 import pytest
 

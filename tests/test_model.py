@@ -117,7 +117,7 @@ def test_respaced_timesteps():
 
 
 def test_sampling_step_equals_closed_form_posterior():
-    """One respaced step from the tables equals DESIGN.md section 1 written out in float64."""
+    """One respaced step from the tables equals docs/DESIGN.md section 1 written out in float64."""
     steps = 5
     # Independent schedule: the closed-form cosine betas, clipped, and their cumulative product.
     abar = [math.cos(((t / 1000) + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(1001)]

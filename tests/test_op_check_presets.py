@@ -10,7 +10,8 @@ from timar_sdk.model.timar import Timar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny", "base", "large"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("base", marks=pytest.mark.heavy),
+                                  pytest.param("large", marks=pytest.mark.heavy)])
 def test_exported_presets_use_only_supported_ops(name):
     torch.manual_seed(0)
     with torch.device("cpu"):

@@ -1,4 +1,4 @@
-"""The portable generator (DESIGN.md 4.1): Philox4x32-10 known answers and the stream rule."""
+"""The portable generator (docs/DESIGN.md 4.1): Philox4x32-10 known answers and the stream rule."""
 import math
 import time
 

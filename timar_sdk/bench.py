@@ -5,10 +5,12 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from timar_sdk.progress import progress_bar
 from timar_sdk.runtime.session import Session
 
 
@@ -44,16 +46,18 @@ class _StageTimer:
         return timed
 
 
-def bench_session(session: Session, turns: int = 50, warmup: int | None = None, seed: int = 0) -> dict:
+def bench_session(session: Session, turns: int = 50, warmup: int | None = None, seed: int = 0,
+                  progress: bool = False) -> dict:
     """Latency of `session.step` over `turns` turns of random audio and motion, after `warmup`
-    turns (default: enough to fill the context window, so the numbers are the steady state)."""
+    turns (default: enough to fill the context window, so the numbers are the steady state).
+    progress: a bar over the turns on stderr (updated outside the timed calls)."""
     if warmup is None:
         warmup = max(5, session.bundle["context_turns"])
     rng = np.random.default_rng(seed)
     s, f = session.samples, session.frames
     timer = _StageTimer(session.backend)
     total, stages = [], {"audio_encoder": [], "encoder_step": [], "sampler": []}
-    for i in range(warmup + turns):
+    for i in progress_bar(range(warmup + turns), desc="session turns", unit="turn", disable=not progress):
         ua = (rng.standard_normal(s) * 0.1).astype(np.float32)
         aa = (rng.standard_normal(s) * 0.1).astype(np.float32)
         um = (rng.standard_normal((f, 56)) * 0.1).astype(np.float32)
@@ -75,7 +79,7 @@ def bench_session(session: Session, turns: int = 50, warmup: int | None = None, 
 
 
 def bench_torch_window_recompute(model, turns: int = 20, warmup: int = 3, seed: int = 0,
-                                 steps: int = 5) -> dict:
+                                 steps: int = 5, progress: bool = False) -> dict:
     """What the authors' code does each turn: encode the turn's audio, run the backbone over the
     whole W-turn window (W*110 tokens), and sample the current turn; torch eager, no cache."""
     import torch
@@ -89,12 +93,12 @@ def bench_torch_window_recompute(model, turns: int = 20, warmup: int = 3, seed: 
     g = torch.Generator().manual_seed(seed)
     feats = model.encode_audio(torch.randn(2, w, c.samples_per_turn, generator=g) * 0.1).detach()
     motion = torch.randn(w, f, 56, generator=g)[None] * 0.1
-    sched = respaced_schedule(model.head.alphas_cumprod.double().numpy(), steps)
+    sched = respaced_schedule(model.head.schedule, steps)
     noise = PhiloxNormal(seed)
     denoise = numpy_denoiser(model.head.net)
     times = []
     with torch.no_grad():
-        for i in range(warmup + turns):
+        for i in progress_bar(range(warmup + turns), desc="torch turns", unit="turn", disable=not progress):
             t0 = time.perf_counter()
             model.encode_audio(torch.randn(2, c.samples_per_turn, generator=g) * 0.1)
             z = model.forward_full(feats[0:1], motion, feats[1:2], motion, torch.ones(1, w, f),
@@ -135,17 +139,23 @@ def random_weight_bundle(preset_name: str, out_dir: Path):
 
 
 def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=None,
-              compare_torch=True, steps=None) -> dict:
+              compare_torch=True, steps=None, log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark a bundle (or a random-weight `preset_name`); `log`, when given, receives a line
+    before each long stage and progress bars are shown on stderr."""
+    say = log or (lambda line: None)
     tmp = None
     model = None
     if preset_name:
+        import torch  # noqa: F401 - a missing export extra fails here, before the export is announced
         tmp = tempfile.TemporaryDirectory(prefix="timar-bench-")
         bundle = Path(tmp.name) / preset_name
+        say(f"exporting a random-weight {preset_name} bundle (a minute or more for the large presets)")
         model = random_weight_bundle(preset_name, bundle)
     session = Session(bundle, backend=backend, threads=threads, steps=steps)
+    say(f"timing {turns} turns of {session.bundle.dir} on {session.backend.name}, after a warm-up")
     result = {"bundle": str(session.bundle.dir), "preset": session.bundle["model"]["preset"],
               "backend": session.backend.name, "providers": session.backend.providers,
-              "steps": session.steps, "session": bench_session(session, turns)}
+              "steps": session.steps, "session": bench_session(session, turns, progress=log is not None)}
     if compare_torch:
         try:
             import torch
@@ -158,6 +168,7 @@ def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=N
                 result["torch_window_recompute"] = "not applicable: this bundle recomputes the window itself"
             else:
                 if model is None:
+                    say("loading the bundle's checkpoint in torch for the full-window recompute baseline")
                     from timar_sdk.model.checkpoint import load_model
                     from timar_sdk.runtime.backends import resolve_checkpoint
                     path = resolve_checkpoint(session.bundle.manifest.get("source_checkpoint", ""), session.bundle.dir)
@@ -165,7 +176,9 @@ def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=N
                 if model is None:
                     result["torch_window_recompute"] = "skipped: the bundle's checkpoint is not available"
                 else:
-                    rec = bench_torch_window_recompute(model, max(5, turns // 3), steps=session.steps)
+                    say("timing the torch full-window recompute baseline (--no-torch skips it)")
+                    rec = bench_torch_window_recompute(model, max(5, turns // 3), steps=session.steps,
+                                                       progress=log is not None)
                     result["torch_window_recompute"] = rec
                     result["speedup_vs_torch_window_recompute"] = rec["p50_ms"] / result["session"]["turn"]["p50_ms"]
     if tmp:

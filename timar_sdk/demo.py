@@ -21,7 +21,9 @@ def audio_level_per_frame(audio: np.ndarray, sample_rate: int, fps: int) -> np.n
 
 
 def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> Iterator[str]:
-    from timar_sdk.cli import run_conversation
+    """Run the demo into `out_dir`, yielding a line for each file written or step skipped (an
+    optional package that is missing skips the plot or the video and says how to install it)."""
+    from timar_sdk.cli import align_inputs, install_hint, run_conversation
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sr, fps = session.info["sample_rate"], session.info["fps"]
@@ -30,7 +32,9 @@ def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> It
     sf.write(out_dir / "user.wav", conv["audio2"], sr, subtype="FLOAT")
     np.save(out_dir / "user_motion.npy", conv["motion2"])
     np.save(out_dir / "agent_motion_synthetic_truth.npy", conv["motion1"])
-    motion = run_conversation(session, conv["audio2"], conv["motion2"], conv["audio1"])
+    user_audio, user_motion, agent_audio, notes = align_inputs(session, conv["audio2"], conv["motion2"], conv["audio1"])
+    yield from notes
+    motion = run_conversation(session, user_audio, user_motion, agent_audio)
     np.save(out_dir / "agent_motion.npy", motion)
     yield f"wrote {out_dir}/agent_motion.npy: {len(motion)} frames ({len(motion) / fps:.0f} s), " \
           f"backend {session.info['backend']}"
@@ -43,7 +47,7 @@ def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> It
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        yield "plot skipped: pip install matplotlib (or timar-sdk[render])"
+        yield f"plot skipped: matplotlib is not installed ({install_hint('render')})"
     else:
         t = np.arange(len(motion)) / fps
         fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
@@ -56,11 +60,13 @@ def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> It
         fig.savefig(out_dir / "jaw_vs_audio.png")
         plt.close(fig)
         yield f"wrote {out_dir}/jaw_vs_audio.png"
+    from timar_sdk.render.video import render_video, require_render_extra
     try:
-        from timar_sdk.render import render_video
-    except ImportError:
-        yield "preview video skipped: install the render extra (pip install 'timar-sdk[render]')"
-    else:
-        render_video(motion, out_dir / "preview.mp4", audio=out_dir / "agent.wav", partner=conv["motion2"],
-                     partner_audio=out_dir / "user.wav", fps=fps, progress=False)
-        yield f"wrote {out_dir}/preview.mp4"
+        require_render_extra()
+    except ImportError as e:
+        yield f"preview video skipped: {e}"
+        return
+    yield f"rendering {out_dir}/preview.mp4 ({len(motion)} frames; progress on stderr)"
+    render_video(motion, out_dir / "preview.mp4", audio=out_dir / "agent.wav", partner=conv["motion2"],
+                 partner_audio=out_dir / "user.wav", fps=fps, progress=True)
+    yield f"wrote {out_dir}/preview.mp4"

@@ -1,7 +1,8 @@
-"""Dataset-wide generation and evaluation in the DualTalk protocol (DESIGN.md 6 and 7).
+"""Dataset-wide generation and evaluation in the DualTalk protocol (docs/DESIGN.md sections 6
+and 7).
 
     timar-generate --data DATA/test --out PRED [--bundle B] [--context-turns N] [--seed S]
-    timar-eval --pred PRED --gt DATA/test [--json metrics.json] [--workers N]
+    timar-eval --pred PRED --gt DATA/test [--json | --json-out metrics.json] [--workers N]
 
 Generation (:func:`generate_split`): every example of a DualTalk folder (each clip's speaker as
 the agent once, the partner as the user) runs through one :class:`~timar_sdk.Session`, reset to
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from timar_sdk.cli import BACKEND_HELP, tool, write_json
 
 __all__ = ["generate_split", "evaluate_dirs", "generate_cmd", "eval_cmd", "SETTINGS_FILE"]
 
@@ -114,10 +117,9 @@ def generate_split(data_dir, out_dir, bundle=None, backend: str = "auto",
         ValueError: context_turns out of range, a bad data folder (see `list_examples`), or
             `out_dir` holding predictions made with other settings. BundleError: a bad bundle.
     """
-    from tqdm import tqdm
-
     from timar_sdk.audio import load_audio
     from timar_sdk.cli import run_conversation
+    from timar_sdk.progress import progress_bar
     from timar_sdk.data.dualtalk import list_examples, motion_from_npz
     from timar_sdk.runtime.bundle import Bundle
     from timar_sdk.runtime.session import Session
@@ -141,15 +143,19 @@ def generate_split(data_dir, out_dir, bundle=None, backend: str = "auto",
         return result
     session = Session(b, backend=backend, seed=seed, context_turns=context_turns, threads=threads)
     sr = session.info["sample_rate"]
-    for ex in tqdm(todo, desc="files", unit="file", disable=not progress):
+    s, f = session.samples, session.frames
+    for ex in progress_bar(todo, desc="files", unit="file", disable=not progress):
         try:
             user_audio = _read(ex.user_wav, lambda p: load_audio(p, sr))
             agent_audio = _read(ex.agent_wav, lambda p: load_audio(p, sr))
             user_motion = _read(ex.user_npz, motion_from_npz)
-            session.reset()
-            motion = run_conversation(session, user_audio, user_motion, agent_audio, progress=False)
-            if len(motion) == 0:
+            # the protocol's length: whole turns of the shortest input
+            turns = min(len(user_audio) // s, len(agent_audio) // s, len(user_motion) // f)
+            if turns == 0:
                 raise ValueError("shorter than one turn: nothing to predict")
+            session.reset()
+            motion = run_conversation(session, user_audio[:turns * s], user_motion[:turns * f],
+                                      agent_audio[:turns * s], progress=False)
             _save_atomic(out / f"{ex.name}.npy", np.asarray(motion, np.float32))
         except _InputError as e:
             result["failed"][ex.name] = str(e)
@@ -168,35 +174,31 @@ def _summary_generate(result: dict) -> list[str]:
     return lines
 
 
-@click.command("timar-generate")
+@tool("timar-generate")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="DualTalk-format folder (e.g. the test split).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Prediction folder: <clip>_speakerX.npy (T, 56) per example.")
 @click.option("--bundle", default=None, type=click.Path(file_okay=False), help="Bundle folder (default: shipped).")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]))
+              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]),
+              help=BACKEND_HELP)
 @click.option("--context-turns", default=None, type=int,
               help="Previous turns kept visible, 0..W-1 (default: all W-1); the paper's n = 0, 1, 3, 7.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the sampler's noise; every file starts from it.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Backend intra-op threads.")
 def generate_cmd(data_dir, out_dir, bundle, backend, context_turns, seed, threads):
     """Predict every file of a DualTalk split (resumable). Exits 1 if any file failed."""
     from timar_sdk.runtime.bundle import Bundle
-    try:
-        b = Bundle(bundle)
-    except ValueError as e:
-        raise click.ClickException(str(e))
+    b = Bundle(bundle)
     w = int(b.manifest["context_turns"])
     if context_turns is not None and not 0 <= context_turns <= w - 1:
         raise click.BadParameter(f"expected 0..{w - 1} (this bundle's window is {w} turns: the "
                                  f"current one and up to {w - 1} previous), got {context_turns}",
                                  param_hint="--context-turns")
-    try:
-        result = generate_split(data_dir, out_dir, b, backend=backend, context_turns=context_turns,
-                                seed=seed, threads=threads)
-    except ValueError as e:
-        raise click.ClickException(str(e))
+    result = generate_split(data_dir, out_dir, b, backend=backend, context_turns=context_turns,
+                            seed=seed, threads=threads)
     for line in _summary_generate(result):
         click.echo(line)
     if result["failed"]:
@@ -235,9 +237,8 @@ def evaluate_dirs(pred_dir, gt_dir, workers: int = 1, progress: bool = False) ->
         "published": the same in the paper's scales, "per_file": {name: unscaled metrics}}.
         "metrics" and "published" are {} when no file was scored.
     """
-    from tqdm import tqdm
-
     from timar_sdk.metrics import aggregate, published_scale
+    from timar_sdk.progress import progress_bar
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d, what in ((pred_dir, "pred"), (gt_dir, "gt")):
@@ -264,7 +265,7 @@ def evaluate_dirs(pred_dir, gt_dir, workers: int = 1, progress: bool = False) ->
                           and (gt_dir / f"{m['clip']}_speaker{3 - int(m['speaker'])}.npz").is_file())
 
     results: dict[str, tuple[str, object]] = {}
-    bar = tqdm(total=len(jobs), desc="files", unit="file", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="files", unit="file", disable=not progress)
     if workers == 1 or len(jobs) <= 1:
         for name, args in jobs.items():
             results[name] = _eval_one(*args)
@@ -307,26 +308,27 @@ def _summary_eval(result: dict) -> list[str]:
     return lines
 
 
-@click.command("timar-eval")
+@tool("timar-eval")
 @click.option("--pred", "pred_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prediction folder (<clip>_speakerX.npy).")
 @click.option("--gt", "gt_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="DualTalk-format ground-truth folder (<clip>_speakerX.npz).")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
-              help="Write files, skipped_nan, metrics (unscaled) and published (scaled) here.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results as JSON (files, skipped_nan, metrics unscaled, published scaled, "
+                   "per_file) instead of the table.")
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON results here.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes scoring files in parallel.")
-def eval_cmd(pred_dir, gt_dir, json_out, workers):
+def eval_cmd(pred_dir, gt_dir, as_json, json_out, workers):
     """Score predictions in the DualTalk protocol; prints the paper's table and scales.
     Exits 1 if any file could not be scored or none was."""
-    try:
-        result = evaluate_dirs(pred_dir, gt_dir, workers=workers, progress=True)
-    except ValueError as e:
-        raise click.ClickException(str(e))
-    for line in _summary_eval(result):
-        click.echo(line)
+    result = evaluate_dirs(pred_dir, gt_dir, workers=workers, progress=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for line in _summary_eval(result):
+            click.echo(line)
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_out, result)
     if result["errors"] or not result["files"]:
         raise SystemExit(1)

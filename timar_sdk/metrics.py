@@ -1,4 +1,4 @@
-"""DualTalk-protocol metrics (DESIGN.md 7) for predicted agent motion.
+"""DualTalk-protocol metrics (docs/DESIGN.md 7) for predicted agent motion.
 
 Inputs are (T, 56) arrays in the SDK layout (``timar_sdk.layout``: exp 0..49, jaw 50..52, pose
 53..55), raw FLAME units (unnormalised, unscaled). Every metric is computed per group

@@ -1,4 +1,4 @@
-"""The Gaussian-diffusion schedule and the respaced sampler of DESIGN.md section 1 (numpy only).
+"""The Gaussian-diffusion schedule and the respaced sampler of docs/DESIGN.md section 1 (numpy only).
 
 One implementation serves every backend: the torch reference, ONNX Runtime and TensorRT all call
 `sample_turn` with their own `denoise` function, so they differ only in how the denoiser runs.
@@ -109,7 +109,7 @@ def sample_turn(denoise: DenoiseFn, z: np.ndarray, noise: NoiseSource, sched: Sc
     """Sample one turn's motion (normalised space) from the backbone outputs z.
 
     z: [F, Dz] when cfg == 1; [2F, Dz] (conditional rows, then unconditional rows) otherwise.
-    Noise order (DESIGN.md 4.1): start noise, then one [F, 56] draw per step, the last discarded.
+    Noise order (docs/DESIGN.md 4.1): start noise, then one [F, 56] draw per step, the last discarded.
     Returns x0 samples [F, 56] float32.
     """
     frames = z.shape[0] if cfg == 1.0 else z.shape[0] // 2

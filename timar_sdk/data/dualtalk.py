@@ -1,6 +1,6 @@
 """DualTalk-format dataset: discovery, loading, motion statistics and training windows.
 
-A DualTalk folder (DESIGN.md 6) holds, per clip, `<clip>_speaker1.wav`, `<clip>_speaker1.npz`,
+A DualTalk folder (docs/DESIGN.md 6) holds, per clip, `<clip>_speaker1.wav`, `<clip>_speaker1.npz`,
 `<clip>_speaker2.wav`, `<clip>_speaker2.npz`. WAV: mono 16 kHz float. NPZ: `exp` (T, 50) and
 `pose` (T, 6) at 25 fps with pose[:, 0:3] = neck/global and pose[:, 3:6] = jaw (other keys
 unused). The SDK motion vector is concat(exp, jaw, neck) = 56 floats per frame

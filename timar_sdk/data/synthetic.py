@@ -1,4 +1,4 @@
-"""Synthetic two-person conversations in the DualTalk format (DESIGN.md 6).
+"""Synthetic two-person conversations in the DualTalk format (docs/DESIGN.md 6).
 
 Deterministic from a seed, numpy only. A conversation has two speakers taking turns with
 gaps, overlaps and short backchannels. Each speaker gets:

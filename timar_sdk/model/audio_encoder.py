@@ -1,6 +1,6 @@
 """Speech feature encoders: waveform of one turn [N, samples] -> features [N, F, Da].
 
-Default (DESIGN.md 2.4): log-mel spectrogram computed with a fixed Conv1d whose weights are the
+Default (docs/DESIGN.md 2.4): log-mel spectrogram computed with a fixed Conv1d whose weights are the
 Hann-windowed DFT (no STFT op, which TensorRT lacks), then a learned Conv1d stack that downsamples
 100 mel frames to F = 25 frames per turn. Optional: a wav2vec2 model from a local directory.
 """
@@ -84,7 +84,7 @@ class Wav2Vec2Encoder(nn.Module):
             from transformers import Wav2Vec2Model
         except ImportError as e:
             raise ImportError("audio_encoder='wav2vec2' needs the transformers package: "
-                              "pip install 'timar-sdk[wav2vec2]'") from e
+                              "pip install -e '.[wav2vec2]' in the timar-sdk checkout") from e
         self.model = Wav2Vec2Model.from_pretrained(path)
         self.frames = frames_per_turn
         self.out_dim = self.model.config.hidden_size

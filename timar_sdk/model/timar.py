@@ -1,4 +1,4 @@
-"""TIMAR with cache-exact positions and band turn-causal attention (DESIGN.md sections 1-2).
+"""TIMAR with cache-exact positions and band turn-causal attention (docs/DESIGN.md sections 1-2).
 
 Two ways to run the same function:
 - `forward_full`: a whole clip of T turns at once with the band mask (training, reference);

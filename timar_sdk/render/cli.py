@@ -8,10 +8,11 @@ import time
 
 import click
 
+from timar_sdk.cli import tool
 from timar_sdk.layout import FPS
 
 
-@click.command("timar-render")
+@tool("timar-render")
 @click.argument("motion", type=click.Path(exists=True, dir_okay=False))
 @click.option("--audio", type=click.Path(exists=True, dir_okay=False),
               help="The agent's audio (WAV/FLAC...), muxed into the video.")
@@ -30,24 +31,17 @@ from timar_sdk.layout import FPS
 @click.option("--crf", type=click.IntRange(0, 51), default=18, show_default=True,
               help="x264 quality (lower = better).")
 @click.option("--no-timecode", is_flag=True, help="Do not print the time and frame number.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no final line.")
 def render_cmd(motion, audio, partner, partner_audio, out, fps, size, flame, crf, no_timecode,
                quiet):
     """Render MOTION (.npy (T, 56), or .npz with 'motion' or DualTalk 'exp'/'pose') to a
     preview video: the agent's head, or with --partner both people side by side."""
-    from timar_sdk.render.flame import FlameFileError
     from timar_sdk.render.video import render_video
 
     t0 = time.perf_counter()
-    try:
-        path = render_video(motion, out, audio=audio, partner=partner,
-                            partner_audio=partner_audio, fps=fps, size=size, flame=flame,
-                            progress=not quiet, crf=crf, timecode=not no_timecode)
-    except ImportError as e:
-        raise click.ClickException(
-            f"timar-render needs the render extra: pip install 'timar-sdk[render]' ({e})") from e
-    except (FlameFileError, ValueError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
+    path = render_video(motion, out, audio=audio, partner=partner,
+                        partner_audio=partner_audio, fps=fps, size=size, flame=flame,
+                        progress=not quiet, crf=crf, timecode=not no_timecode)
     if not quiet:
         click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
 

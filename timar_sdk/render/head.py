@@ -5,7 +5,7 @@ lower face, skinned to a hinge just in front of the ears), eyeballs with iris an
 eyelids, brows, ears, teeth, a dark mouth cavity, neck and shoulders.
 
 Coordinates are metres, y up, the face looking down +z (FLAME's convention), the eyes at
-y = 0. The motion vector (DESIGN.md section 1) drives it:
+y = 0. The motion vector (docs/DESIGN.md section 1) drives it:
 
 - neck/global pose 53..55 (axis-angle) rotates the head about a pivot at the top of the neck;
   the neck bends with it, the shoulders stay;

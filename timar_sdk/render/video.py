@@ -5,13 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from timar_sdk.layout import FPS, MOTION_DIM, SAMPLE_RATE
 
-_EXTRA_HINT = "install the rendering extra: pip install 'timar-sdk[render]'"
+_EXTRA_HINT = 'install the render extra: pip install -e ".[render]" in the timar-sdk checkout'
+
+
+def require_render_extra() -> None:
+    """Raise ImportError, saying how to install them, when pillow or imageio-ffmpeg (the render
+    extra's packages that writing a video needs) is missing."""
+    for module, name in (("PIL", "Pillow"), ("imageio_ffmpeg", "imageio-ffmpeg")):
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise ImportError(f"{name} is needed to write a video: {_EXTRA_HINT}", name=module) from e
 
 
 # --------------------------------------------------------------------------------- inputs
@@ -21,22 +32,33 @@ def load_motion(src) -> np.ndarray:
     pose[:, 0:3] = neck/global, pose[:, 3:6] = jaw)."""
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+        name = str(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".npy", ".npz"):
+            raise ValueError(f"{name}: expected a .npy (T, {MOTION_DIM}) array or an .npz, got a "
+                             f"{suffix or 'suffix-less'} file")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{name}: cannot read it as a numpy {suffix} file ({e})") from e
+        if isinstance(data, np.ndarray):
+            arr = data
+        else:                                         # an .npz archive
+            with data as z:
                 if "motion" in z.files:
                     arr = z["motion"]
                 elif "exp" in z.files and "pose" in z.files:
-                    exp, pose = z["exp"], z["pose"]
-                    arr = np.concatenate([exp[:, :50], pose[:, 3:6], pose[:, 0:3]], axis=1)
+                    from timar_sdk.data.dualtalk import motion_from_npz
+                    arr = motion_from_npz(z, name)
                 else:
-                    raise ValueError(f"{path}: expected key 'motion' or keys 'exp' and 'pose', "
-                                     f"found {', '.join(z.files)}")
-        else:
-            arr = np.load(path, allow_pickle=False)
-        name = str(path)
+                    raise ValueError(f"{name}: expected key 'motion' or keys 'exp' and 'pose', "
+                                     f"found {', '.join(z.files) or 'none'}")
     else:
         arr, name = src, "motion"
-    arr = np.asarray(arr, dtype=np.float32)
+    try:
+        arr = np.asarray(arr, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected numbers, got {np.asarray(arr).dtype} values") from e
     if arr.ndim == 1 and arr.shape[0] == MOTION_DIM:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != MOTION_DIM:
@@ -114,7 +136,7 @@ class _Overlay:
         try:
             from PIL import Image, ImageDraw, ImageFont
         except ImportError as e:  # pragma: no cover
-            raise ImportError(f"Pillow is needed for labels: {_EXTRA_HINT}") from e
+            raise ImportError(f"Pillow is needed for labels: {_EXTRA_HINT}", name="PIL") from e
         self._Image, self._Draw = Image, ImageDraw
         self.scale = size / 512.0
         px = max(10, int(round(22 * self.scale)))
@@ -177,7 +199,7 @@ class _Encoder:
         try:
             import imageio_ffmpeg
         except ImportError as e:
-            raise ImportError(f"imageio-ffmpeg is needed to write video: {_EXTRA_HINT}") from e
+            raise ImportError(f"imageio-ffmpeg is needed to write video: {_EXTRA_HINT}", name="imageio_ffmpeg") from e
         exe = imageio_ffmpeg.get_ffmpeg_exe()
         cmd = [exe, "-y", "-hide_banner", "-loglevel", "error", "-nostdin",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
@@ -291,6 +313,7 @@ def render_video(motion, out_path, audio=None, partner=None, partner_audio=None,
     head's panel (two panels side by side with a partner). flame: a FLAME model file (or
     FlameModel) to render the FLAME mesh instead of the procedural head. Returns the path.
     """
+    require_render_extra()
     motion = load_motion(motion)
     n = len(motion)
     out_path = Path(out_path)
@@ -317,26 +340,19 @@ def render_video(motion, out_path, audio=None, partner=None, partner_audio=None,
             mix, sr = mix_audio(tracks, n, fps)
             wav = Path(tmp) / "mix.wav"
             sf.write(str(wav), mix, sr, subtype="PCM_16")
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=n, unit="frame", desc=f"render {out_path.name}")
-            except ImportError:  # pragma: no cover
-                bar = None
+        from timar_sdk.progress import progress_bar
+        bar = progress_bar(total=n, unit="frame", desc=f"render {out_path.name}", disable=not progress)
         enc = _Encoder(out_path, width, size, fps, wav, crf=crf)
         try:
             for frame in frames:
                 enc.write(frame)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         except BaseException:
             enc.kill()
             if out_path.is_file():
                 out_path.unlink()  # no half-written video
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         enc.close()
     return out_path
