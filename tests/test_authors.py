@@ -26,7 +26,8 @@ from timar_sdk.cli import export_cmd  # noqa: E402
 from timar_sdk.model import authors as authors_module  # noqa: E402
 from timar_sdk.model.authors import WindowReference, load_authors_model  # noqa: E402
 from timar_sdk.runtime.rng import PhiloxNormal  # noqa: E402
-from timar_sdk.runtime.session import Session, TimarInputError  # noqa: E402
+from timar_sdk.runtime.model import Model  # noqa: E402
+from timar_sdk.runtime.session import Session, TimarInputError, step_many  # noqa: E402
 
 W2V_HIDDEN = 32
 
@@ -126,6 +127,23 @@ def test_window_session_state_and_torch_backend(authors):
 
     with pytest.raises(TimarInputError, match="history"):
         Session(authors["bundle"], history="feedback")
+
+
+def test_window_sessions_batched_equal_each_alone(authors):
+    """Window-recompute sessions of one Model, some at the same window length (one batch) and
+    one at another (its own batch), cfg on and off: each gets its motion alone."""
+    model = Model(authors["bundle"])
+    settings = [dict(seed=1), dict(seed=2, cfg=2.0), dict(seed=3)]
+    turns = list(_turns(6, seed=5))
+    batched = [Session(model, **st) for st in settings]
+    alone = [Session(model, **st) for st in settings]
+    for t in turns[:2]:                               # the third session starts two turns behind
+        for s in batched[:2] + alone[:2]:
+            s.step(*t)
+    for t in turns[2:5]:
+        got = step_many([(s, *t) for s in batched])
+        want = [s.step(*t) for s in alone]
+        assert all(np.abs(g - w).max() < 1e-5 for g, w in zip(got, want))
 
 
 # ---- refusals ------------------------------------------------------------------------------------

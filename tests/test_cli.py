@@ -296,3 +296,24 @@ def test_json_means_the_same_in_every_tool():
         if "json_out" in params:
             assert not params["json_out"].is_flag and "--json-out" in params["json_out"].opts
     assert "--json-out" in [o for p in eval_cmd.params for o in p.opts]
+
+
+def test_bench_sessions_compares_batched_with_one_at_a_time():
+    res = CliRunner().invoke(bench_cmd, ["--sessions", "3", "--max-batch", "2", "--turns", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["sessions"] == 3 and r["max_batch"] == 2 and r["rounds"] == 3
+    for mode in ("alone", "batched"):
+        m = r[mode]
+        assert 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] and m["turns_per_s"] > 0
+    assert r["speedup"] == pytest.approx(r["batched"]["turns_per_s"] / r["alone"]["turns_per_s"])
+    assert r["state_mb_per_session"] == pytest.approx(6.31, abs=0.01)
+
+
+def test_bench_streams_reports_push_and_turn_latency():
+    res = CliRunner().invoke(bench_cmd, ["--streams", "2", "--seconds", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["streams"] == 2 and r["turns"] == r["turns_expected"] == 2 + 2    # staggered: 2 + 2 turns
+    assert r["push_ms"]["n"] == 2 * 100 and 0 < r["push_ms"]["p50"] <= r["push_ms"]["p99"]
+    assert 0 < r["turn_latency_ms"]["p50"] <= r["turn_latency_ms"]["p99"]

@@ -205,13 +205,13 @@ BAD_SETTINGS = {
     "seed ": dict(seed=-1),
     "seed  ": dict(seed=2 ** 64),
     "context_turns": dict(context_turns=8),
-    "bundle": dict(bundle=123),
+    "model": dict(model=123),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_SETTINGS))
 def test_bad_settings_are_refused_naming_the_argument(bundle, case):
-    kw = {"bundle": bundle, **BAD_SETTINGS[case]}
+    kw = {"model": bundle, **BAD_SETTINGS[case]}
     value = next(iter(BAD_SETTINGS[case].values()))
     t0 = time.perf_counter()
     with pytest.raises(TimarInputError, match=f"^{case.strip()}: expected .*got {re.escape(repr(value))}$"):

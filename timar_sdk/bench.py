@@ -2,6 +2,7 @@
 recompute of the same model (what the authors' code does every turn)."""
 from __future__ import annotations
 
+import queue
 import resource
 import tempfile
 import time
@@ -76,6 +77,109 @@ def bench_session(session: Session, turns: int = 50, warmup: int | None = None, 
             "other": _summary(other),
             "real_time_factor": turn_s / float(np.median(total)),
             "peak_rss_mb": _peak_rss_mb(), "session_start_s": session.start_seconds}
+
+
+def bench_sessions(model, sessions: int, rounds: int = 10, warmup: int | None = None,
+                   max_batch: int | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """Throughput of `sessions` conversations on one Model. Each round every session takes one
+    turn, all of them ready at the same instant (the worst case for latency): "alone" runs them one
+    after another with `Session.step`, "batched" in batches of up to `max_batch` sessions with
+    `step_many` (default: all in one). The two alternate round by round on the same inputs, so
+    the machine's load affects both alike. A turn's latency is from the round's start to the end
+    of the call that produced it; turns per second are per round (median over rounds)."""
+    from timar_sdk.runtime.session import step_many
+
+    if warmup is None:
+        warmup = max(3, model.bundle["context_turns"])
+    rng = np.random.default_rng(seed)
+    s, f = model.samples, model.frames
+    pool = [((rng.standard_normal(s) * 0.1).astype(np.float32), (rng.standard_normal((f, 56)) * 0.1).astype(np.float32),
+             (rng.standard_normal(s) * 0.1).astype(np.float32)) for _ in range(7)]
+    modes = {"alone": [Session(model, seed=seed + k) for k in range(sessions)],
+             "batched": [Session(model, seed=seed + k) for k in range(sessions)]}
+    size = max_batch or sessions
+    latency = {m: [] for m in modes}
+    throughput = {m: [] for m in modes}
+    for r in progress_bar(range(warmup + rounds), desc=f"{sessions} sessions", unit="round", disable=not progress):
+        for mode in (("alone", "batched") if r % 2 == 0 else ("batched", "alone")):
+            turn = [pool[(r + k) % len(pool)] for k in range(sessions)]
+            lat, t0 = [], time.perf_counter()
+            if mode == "alone":
+                for sess, (ua, um, aa) in zip(modes[mode], turn):
+                    sess.step(ua, um, aa)
+                    lat.append(time.perf_counter() - t0)
+            else:
+                for i in range(0, sessions, size):
+                    out = step_many([(sess, *turn[k]) for k, sess in enumerate(modes[mode][i:i + size], start=i)])
+                    bad = [o for o in out if isinstance(o, BaseException)]
+                    if bad:
+                        raise bad[0]
+                    lat += [time.perf_counter() - t0] * len(out)
+            if r >= warmup:
+                latency[mode] += lat
+                throughput[mode].append(sessions / lat[-1])
+    turn_s = f / model.bundle["fps"]
+    result = {"sessions": sessions, "max_batch": size, "rounds": rounds}
+    for mode in modes:
+        ms = np.asarray(latency[mode]) * 1000.0
+        tps = float(np.median(throughput[mode]))
+        result[mode] = {"turns_per_s": tps, "real_time_streams": tps * turn_s,
+                        "latency_p50_ms": float(np.percentile(ms, 50)), "latency_p95_ms": float(np.percentile(ms, 95)),
+                        "latency_p99_ms": float(np.percentile(ms, 99))}
+    result["speedup"] = result["batched"]["turns_per_s"] / result["alone"]["turns_per_s"]
+    result["state_mb_per_session"] = modes["alone"][0].state_bytes / 1e6
+    return result
+
+
+def bench_streams(model, streams: int, seconds: float = 10.0, max_batch: int | None = None, chunk_ms: int = 20,
+                  seed: int = 0) -> dict:
+    """Real-time streaming through a Scheduler: `streams` conversations, each pushed `chunk_ms`
+    of both speakers' audio every `chunk_ms` by one feeder thread, as audio callbacks would, for
+    `seconds`; their turn boundaries are staggered evenly over a turn. Measures every push call
+    (it must only buffer) and every turn's latency (input complete -> motion ready)."""
+    from timar_sdk.runtime.scheduler import Scheduler
+
+    rng = np.random.default_rng(seed)
+    sr, samples = model.bundle["sample_rate"], model.samples
+    chunk = sr * chunk_ms // 1000
+    audio = (rng.standard_normal(samples * 4) * 0.1).astype(np.float32)
+    push_s, turn_s, got = [], [], [0] * streams
+    with Scheduler(model, max_batch=max_batch) as scheduler:
+        handles = [scheduler.open(seed=seed + k) for k in range(streams)]
+        for k, h in enumerate(handles):                       # stagger the turn boundaries
+            if k:
+                h.push(user_audio=audio[:k * samples // streams], agent_audio=audio[:k * samples // streams])
+        start, ticks = time.perf_counter(), int(seconds * 1000 / chunk_ms)
+        for tick in range(ticks):
+            piece = audio[(tick * chunk) % (3 * samples):][:chunk]
+            for h in handles:
+                t0 = time.perf_counter()
+                h.push(user_audio=piece, agent_audio=piece)
+                push_s.append(time.perf_counter() - t0)
+            for k, h in enumerate(handles):                   # collect what is ready, never wait
+                while True:
+                    try:
+                        turn_s.append(h.get(timeout=0).latency_s)
+                        got[k] += 1
+                    except queue.Empty:
+                        break
+            time.sleep(max(0.0, start + (tick + 1) * chunk_ms / 1000 - time.perf_counter()))
+        expected = sum(int((seconds * sr + (k * samples // streams)) // samples) for k in range(streams))
+        deadline = time.perf_counter() + 30
+        while sum(got) < expected and time.perf_counter() < deadline:   # turns still in flight
+            for k, h in enumerate(handles):
+                try:
+                    turn_s.append(h.get(timeout=0.05).latency_s)
+                    got[k] += 1
+                except queue.Empty:
+                    pass
+    push_ms, turn_ms = np.asarray(push_s) * 1e3, np.asarray(turn_s) * 1e3
+    return {"streams": streams, "seconds": seconds, "max_batch": max_batch or streams, "turns": int(sum(got)),
+            "turns_expected": expected,
+            "push_ms": {"p50": float(np.percentile(push_ms, 50)), "p99": float(np.percentile(push_ms, 99)),
+                        "max": float(push_ms.max()), "n": len(push_ms)},
+            "turn_latency_ms": {"p50": float(np.percentile(turn_ms, 50)), "p95": float(np.percentile(turn_ms, 95)),
+                                "p99": float(np.percentile(turn_ms, 99)), "max": float(turn_ms.max())}}
 
 
 def bench_torch_window_recompute(model, turns: int = 20, warmup: int = 3, seed: int = 0,
@@ -200,4 +304,17 @@ def format_result(r: dict) -> str:
                      f"-> session is {r['speedup_vs_torch_window_recompute']:.1f}x faster")
     elif rec:
         lines.append(f"torch full-window recompute: {rec}")
+    return "\n".join(lines)
+
+
+def format_sessions(r: dict) -> str:
+    """bench_sessions' result as a few lines of text."""
+    lines = [f"{r['sessions']} sessions on one model, {r['rounds']} rounds, batches of up to {r['max_batch']}, "
+             f"{r['state_mb_per_session']:.1f} MB of state per session"]
+    for mode in ("alone", "batched"):
+        m = r[mode]
+        lines.append(f"{mode:8s} {m['turns_per_s']:7.1f} turns/s ({m['real_time_streams']:.0f} real-time streams)  "
+                     f"turn latency p50 {m['latency_p50_ms']:.0f} ms  p95 {m['latency_p95_ms']:.0f} ms  "
+                     f"p99 {m['latency_p99_ms']:.0f} ms")
+    lines.append(f"batched / alone: {r['speedup']:.2f}x")
     return "\n".join(lines)

@@ -341,17 +341,49 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
               help="Intra-op threads of the backend and of torch (default: the backend's).")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Diffusion steps (default: manifest).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch full-window recompute baseline.")
+@click.option("--sessions", default=None, type=click.IntRange(min=1),
+              help="Instead: N conversations on one Model, one turn each per round, one at a time against "
+                   "batched (step_many) in alternating rounds: turns per second, real-time streams, latency.")
+@click.option("--streams", default=None, type=click.IntRange(min=1),
+              help="Instead: N conversations streamed in real time (20 ms pushes) through a Scheduler for "
+                   "--seconds: push-call latency and turn latency (input complete -> motion).")
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=1.0, max=3600.0),
+              help="With --streams: how long to stream.")
+@click.option("--max-batch", default=None, type=click.IntRange(min=1),
+              help="With --sessions or --streams: sessions per batched call (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON results here.")
-def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, steps, no_torch, as_json, json_out):
-    """Per-turn latency (p50/p95 by stage), real-time factor, RSS, vs torch window recompute.
-    Progress goes to stderr, results to stdout."""
-    from timar_sdk.bench import format_result, run_bench
+def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, steps, no_torch, sessions, streams,
+              seconds, max_batch, as_json, json_out):
+    """Per-turn latency (p50/p95 by stage), real-time factor, RSS, vs torch window recompute; or,
+    with --sessions, throughput of many conversations on one model. Progress goes to stderr,
+    results to stdout."""
+    from timar_sdk.bench import format_result, format_sessions, run_bench
     if preset_name and not random_weights:
         raise click.UsageError("--preset needs --random-weights (there are no trained base/large weights)")
-    result = run_bench(bundle, backend, preset_name, turns, threads, not no_torch, steps,
-                       log=lambda line: click.echo(line, err=True))
-    click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
+    if sessions or streams:
+        from timar_sdk import Model
+        from timar_sdk.bench import bench_sessions, bench_streams
+        if preset_name:
+            raise click.UsageError("--sessions and --streams run a bundle (--bundle), not a random-weight --preset")
+        model = Model(bundle, backend=backend, threads=threads)
+        if streams:
+            click.echo(f"streaming {streams} conversations for {seconds:g} s", err=True)
+            result = bench_streams(model, streams, seconds, max_batch=max_batch)
+            text = (f"{streams} streams, {seconds:g} s, batches of up to {result['max_batch']}: "
+                    f"{result['turns']} of {result['turns_expected']} turns\n"
+                    f"push call   p50 {result['push_ms']['p50']:.3f} ms  p99 {result['push_ms']['p99']:.3f} ms  "
+                    f"max {result['push_ms']['max']:.1f} ms\n"
+                    f"turn latency p50 {result['turn_latency_ms']['p50']:.0f} ms  p95 "
+                    f"{result['turn_latency_ms']['p95']:.0f} ms  p99 {result['turn_latency_ms']['p99']:.0f} ms")
+        else:
+            result = bench_sessions(model, sessions, rounds=max(3, turns // 5), max_batch=max_batch, progress=True)
+            text = format_sessions(result)
+        click.echo(json.dumps(result, indent=2) if as_json else text)
+    else:
+        result = run_bench(bundle, backend, preset_name, turns, threads, not no_torch, steps,
+                           log=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
     if json_out:
         write_json(json_out, result)
 

@@ -112,20 +112,34 @@ def sample_turn(denoise: DenoiseFn, z: np.ndarray, noise: NoiseSource, sched: Sc
     Noise order (docs/DESIGN.md 4.1): start noise, then one [F, 56] draw per step, the last discarded.
     Returns x0 samples [F, 56] float32.
     """
-    frames = z.shape[0] if cfg == 1.0 else z.shape[0] // 2
+    return sample_turns(denoise, [z], [noise], sched, [temperature], [cfg])[0]
+
+
+def sample_turns(denoise: DenoiseFn, zs: list[np.ndarray], noises: list[NoiseSource], sched: Schedule,
+                 temperatures: list[float], cfgs: list[float]) -> list[np.ndarray]:
+    """`sample_turn` for several turns (of different sessions) at once, with one denoiser call per
+    step for all of them; each keeps its own noise, temperature and guidance. Same schedule."""
+    frames = [z.shape[0] if cfg == 1.0 else z.shape[0] // 2 for z, cfg in zip(zs, cfgs)]
     steps = len(sched.timesteps)
-    # One request for the whole turn: [F, 56] holds a multiple of 4 values, so this is the same
-    # stream as one request per draw (rng.py's counter rule) at a fraction of the cost.
-    draws = noise.normal((steps + 1, frames, MOTION_DIM)).astype(np.float32)
-    x = draws[0]
+    # One request per turn: [F, 56] holds a multiple of 4 values, so this is the same stream as
+    # one request per draw (rng.py's counter rule) at a fraction of the cost.
+    draws = [noise.normal((steps + 1, f, MOTION_DIM)).astype(np.float32) for noise, f in zip(noises, frames)]
+    xs = [d[0] for d in draws]
+    z_all = zs[0] if len(zs) == 1 else np.concatenate(zs)
     for i, k in enumerate(reversed(range(steps))):
-        t = np.full(z.shape[0], sched.timesteps[k], dtype=np.float32)
-        x_in = x if cfg == 1.0 else np.concatenate([x, x])
-        out = np.asarray(denoise(x_in, t, z), dtype=np.float32)
-        if cfg != 1.0:
-            cond, uncond = out[:frames], out[frames:]
-            guided = uncond[:, :MOTION_DIM] + np.float32(cfg) * (cond[:, :MOTION_DIM] - uncond[:, :MOTION_DIM])
-            out = np.concatenate([guided, cond[:, MOTION_DIM:]], axis=1)
-        mean, log_var = posterior(out, x, sched, k)
-        x = mean if k == 0 else mean + np.exp(np.float32(0.5) * log_var) * draws[i + 1] * np.float32(temperature)
-    return x.astype(np.float32)
+        t = np.full(z_all.shape[0], sched.timesteps[k], dtype=np.float32)
+        x_in = np.concatenate([x if cfg == 1.0 else np.concatenate([x, x]) for x, cfg in zip(xs, cfgs)])
+        out_all = np.asarray(denoise(x_in, t, z_all), dtype=np.float32)
+        start = 0
+        for j, (f, cfg) in enumerate(zip(frames, cfgs)):
+            rows = f if cfg == 1.0 else 2 * f
+            out = out_all[start:start + rows]
+            start += rows
+            if cfg != 1.0:
+                cond, uncond = out[:f], out[f:]
+                guided = uncond[:, :MOTION_DIM] + np.float32(cfg) * (cond[:, :MOTION_DIM] - uncond[:, :MOTION_DIM])
+                out = np.concatenate([guided, cond[:, MOTION_DIM:]], axis=1)
+            mean, log_var = posterior(out, xs[j], sched, k)
+            xs[j] = mean if k == 0 else (mean + np.exp(np.float32(0.5) * log_var) * draws[j][i + 1]
+                                         * np.float32(temperatures[j]))
+    return [x.astype(np.float32) for x in xs]

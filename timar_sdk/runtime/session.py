@@ -19,15 +19,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from timar_sdk.audio import RunningNorm, to_float32
-from timar_sdk.errors import BundleError, TimarInputError, TimarRuntimeError
+from timar_sdk.errors import TimarInputError, TimarRuntimeError
 from timar_sdk.layout import MOTION_DIM, MOTION_LIMIT
-from timar_sdk.runtime.backends import BACKENDS, make_backend
 from timar_sdk.runtime.bundle import CFG_RANGE, TEMPERATURE_RANGE, Bundle
+from timar_sdk.runtime.model import Model, check_integer
 from timar_sdk.runtime.ring import TurnRing
 from timar_sdk.runtime.rng import PhiloxNormal
-from timar_sdk.sampler import respaced_schedule, sample_turn
+from timar_sdk.sampler import respaced_schedule, sample_turns
 
-__all__ = ["Conversation", "Session", "TimarInputError", "TimarRuntimeError"]
+__all__ = ["Conversation", "Model", "Session", "TimarInputError", "TimarRuntimeError"]
 
 EMPTY_BUFFERS = (np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, MOTION_DIM), np.float32))
 SETTINGS = ("seed", "steps", "temperature", "cfg", "history", "context_turns")
@@ -68,45 +68,41 @@ class Conversation:
 
 
 class Session:
-    """A streaming TIMAR session over a bundle.
+    """One conversation streamed through a `Model`.
 
-    bundle: a bundle folder (str or path), a loaded `Bundle`, or None for the default bundle
-        shipped in the package.
-    backend: "auto" | "onnxruntime" | "tensorrt" | "torch".
+    model: a `Model` shared with other sessions, or what `Model` takes to load one for this
+        session alone: a bundle folder (str or path), a `Bundle`, or None for the default bundle.
+    backend, threads: for a session that loads its own model ("auto" and the backend's default
+        threads when left as None); leave them None when passing a Model.
     seed: seed of the portable Philox generator, an integer in [0, 2^64) (same seed, same
         motion, on every backend).
     steps (1..1000), temperature (0..10), cfg (0..20), history ("masked" | "feedback"):
         sampling settings; None takes the manifest's defaults.
-    threads: intra-op threads of the backend, 1..(CPUs of this process) (None: the backend's
-        default).
     context_turns: past turns kept visible, 0..W-1 (None: all W-1), for context experiments.
     Raises TimarInputError naming the argument, or BundleError naming the bundle file.
     """
 
-    def __init__(self, bundle: str | os.PathLike | Bundle | None = None, backend: str = "auto", seed: int = 0,
-                 steps: int | None = None, temperature: float | None = None, cfg: float | None = None,
-                 history: str | None = None, threads: int | None = None, context_turns: int | None = None):
+    def __init__(self, model: Model | str | os.PathLike | Bundle | None = None, backend: str | None = None,
+                 seed: int = 0, steps: int | None = None, temperature: float | None = None,
+                 cfg: float | None = None, history: str | None = None, threads: int | None = None,
+                 context_turns: int | None = None):
         t0 = time.perf_counter()
-        if bundle is not None and not isinstance(bundle, (str, os.PathLike, Bundle)):
-            raise TimarInputError(f"bundle: expected a bundle folder (str or path), a Bundle or None, "
-                                  f"got {bundle!r}")
-        if backend not in BACKENDS:
-            raise TimarInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        if isinstance(model, Model):
+            for name, value in (("backend", backend), ("threads", threads)):
+                if value is not None:
+                    raise TimarInputError(f"{name}: set it on the Model (Model(bundle, {name}=...)), not on a "
+                                          f"Session that shares one; got {value!r}")
+            self.model = model
+        elif model is not None and not isinstance(model, (str, os.PathLike, Bundle)):
+            raise TimarInputError(f"model: expected a Model, a bundle folder (str or path), a Bundle or None, "
+                                  f"got {model!r}")
+        self.seed = check_integer("seed", seed, 0, 2**64 - 1)
+        if not isinstance(model, Model):
+            self.model = Model(model, "auto" if backend is None else backend, threads)
         m = self.bundle.manifest
-        if m["generator"]["name"] != PhiloxNormal.NAME:
-            raise BundleError(f"manifest.json: generator {m['generator']['name']!r} is not implemented "
-                              f"here (this runtime has {PhiloxNormal.NAME!r})")
-        # "cached": past turns live as keys/values (the SDK's models). "window_recompute": past
-        # turns live as token embeddings and the whole window runs each turn (the authors' models).
-        self.window = m["attention"] == "window_recompute"
-        if self.window and m["audio_normalization"]["mode"] != "running":
-            raise BundleError(f"manifest.json: audio_normalization {m['audio_normalization']['mode']!r} is not "
-                              f"implemented for window_recompute bundles (this runtime has 'running')")
         defaults, w = m["sampling"], m["context_turns"]
-        self.seed = _integer("seed", seed, 0, 2**64 - 1)
-        self.steps = _integer("steps", defaults["steps"] if steps is None else steps,
-                              1, m["diffusion"]["num_train_steps"])
+        self.steps = check_integer("steps", defaults["steps"] if steps is None else steps,
+                                   1, m["diffusion"]["num_train_steps"])
         self.temperature = _real("temperature", defaults["temperature"] if temperature is None else temperature,
                                  *TEMPERATURE_RANGE)
         self.cfg = _real("cfg", defaults["cfg"] if cfg is None else cfg, *CFG_RANGE)
@@ -116,31 +112,34 @@ class Session:
         if self.window and self.history != "masked":
             raise TimarInputError("history: window_recompute bundles (the authors' models) support only "
                                   "'masked' (their --mask_history_agent)")
-        self.context_turns = None if context_turns is None else _integer("context_turns", context_turns, 0, w - 1)
-        if threads is not None:
-            threads = _integer("threads", threads, 1, _cpus())
+        self.context_turns = None if context_turns is None else check_integer("context_turns", context_turns, 0, w - 1)
         self.schedule = respaced_schedule(self.bundle.alphas_cumprod, self.steps)
-        self.frames = m["frames_per_turn"]
-        self.samples = m["samples_per_turn"]
+        self.frames = self.model.frames
+        self.samples = self.model.samples
         self.rows = 1 if self.cfg == 1.0 else 2
-        self._mean, self._std = self.bundle.motion_mean, self.bundle.motion_std
-        self.backend = make_backend(backend, self.bundle, threads)
+        self._mean, self._std = self.model.motion_mean, self.model.motion_std
         self.reset()
         self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.model.bundle
+
+    @property
+    def backend(self):
+        return self.model.backend
+
+    @property
+    def window(self) -> bool:
+        return self.model.window
 
     # ---- public API ------------------------------------------------------------------------
     @property
     def info(self) -> dict:
-        """The bundle's and the session's facts (motion names: timar_sdk.MOTION_NAMES)."""
-        m = self.bundle.manifest
-        return {"fps": m["fps"], "frames_per_turn": self.frames, "sample_rate": m["sample_rate"],
-                "samples_per_turn": self.samples, "motion_dim": MOTION_DIM,
-                "motion_layout": {k: m["motion_layout"][k] for k in ("exp", "jaw", "neck")},
-                "context_turns": m["context_turns"], "history": self.history, "seed": self.seed,
-                "steps": self.steps, "temperature": self.temperature, "cfg": self.cfg,
-                "attention": m["attention"], "backend": self.backend.name,
-                "providers": list(self.backend.providers), "model_preset": m["model"]["preset"],
-                "state_bytes": self.state_bytes, "turns": self.turns}
+        """The model's facts (`Model.info`) and this session's settings and state."""
+        return {**self.model.info, "history": self.history, "seed": self.seed, "steps": self.steps,
+                "temperature": self.temperature, "cfg": self.cfg, "state_bytes": self.state_bytes,
+                "turns": self.turns}
 
     @property
     def turns(self) -> int:
@@ -181,7 +180,6 @@ class Session:
         Raises TimarInputError naming the argument for a cached bundle (the SDK's models do not
         normalise audio) or bad input; nothing changes then.
         """
-        from dataclasses import replace as _replace
         if not self.window:
             given = "user_audio" if user_audio is not None else "agent_audio"
             raise TimarInputError(f"{given}: prime_audio_normalization is for window_recompute bundles (the "
@@ -197,10 +195,10 @@ class Session:
                     value.check()
                 except ValueError as e:
                     raise TimarInputError(f"{name}: {e}") from None
-                norms[i] = _replace(value, eps=eps)      # the bundle's eps
+                norms[i] = replace(value, eps=eps)      # the bundle's eps
             else:
                 norms[i] = RunningNorm(eps=eps).update(self._audio(value, name))
-        self._conv = _replace(self._conv, audio_norm=tuple(norms))
+        self._conv = replace(self._conv, audio_norm=tuple(norms))
 
     def step(self, user_audio, user_motion, agent_audio) -> np.ndarray:
         """Exactly one turn. Audio: [samples_per_turn] float32/float64 in [-1, 1] or int16 at the
@@ -223,7 +221,25 @@ class Session:
         been fed since the last reset, the user motion holds a whole turn too. Never feed user
         motion for a user whose face is not tracked: those turns use the "absent" embedding.
         """
-        conv = self._conv
+        conv = self._buffered(self._conv, user_audio, user_motion, agent_audio)
+        motion, conv = self._run_turns(conv, _ready(conv, self.samples, self.frames))
+        self._conv = conv
+        return motion
+
+    def accept(self, user_audio=None, user_motion=None, agent_audio=None) -> int:
+        """Buffer pieces of input without running the model (input checks and a copy, well under
+        a millisecond): the cheap half of feed(), for an audio callback; returns `ready_turns`.
+        Bad input raises TimarInputError and buffers nothing."""
+        self._conv = self._buffered(self._conv, user_audio, user_motion, agent_audio)
+        return self.ready_turns
+
+    @property
+    def ready_turns(self) -> int:
+        """Whole turns buffered and ready to run (see feed())."""
+        return _ready(self._conv, self.samples, self.frames)
+
+    def _buffered(self, conv: Conversation, user_audio, user_motion, agent_audio) -> Conversation:
+        """conv with the checked pieces appended to its buffers."""
         ua, aa, um = conv.buffers
         last = conv.last_motion
         if user_audio is not None:
@@ -233,14 +249,8 @@ class Session:
         if user_motion is not None:
             fed = self._motion(user_motion, "user_motion")
             um, last = np.concatenate([um, fed]), fed[-1].copy()
-        conv = replace(conv, buffers=(ua, aa, um), motion_tracked=conv.motion_tracked or user_motion is not None,
+        return replace(conv, buffers=(ua, aa, um), motion_tracked=conv.motion_tracked or user_motion is not None,
                        last_motion=last)
-        ready = min(len(ua), len(aa)) // self.samples
-        if conv.motion_tracked:
-            ready = min(ready, len(um) // self.frames)
-        motion, conv = self._run_turns(conv, ready)
-        self._conv = conv
-        return motion
 
     def flush(self) -> np.ndarray:
         """Finish the conversation's buffered audio: run every buffered turn, the last one padded
@@ -317,62 +327,10 @@ class Session:
     def _turn(self, conv: Conversation, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray):
         """Run one turn without changing the session. Returns (motion [F, 56], the conversation
         after the turn, write): `write()` puts the turn's keys/values into the cache."""
-        f, r = self.frames, self.rows
-        # A user whose face is not tracked reads as the neutral face (all-zero FLAME parameters);
-        # the SDK's models also get the "absent" flag, which replaces those tokens.
-        raw = np.zeros((f, MOTION_DIM), np.float32) if um is None else um
-        user_motion = ((raw - self._mean) / self._std).astype(np.float32)
-        rep = lambda a: np.repeat(a[None], r, axis=0)  # noqa: E731
-        uncond = np.array([0.0, 1.0][:r], np.float32)
-        new_state = []                                  # what the turn adds, checked for finiteness
-        norms, tokens = conv.audio_norm, conv.tokens
-        if self.window:
-            norms = (norms[0].update(ua), norms[1].update(aa))
-            feats = self.backend.encode_audio(np.stack([norms[0].apply(ua), norms[1].apply(aa)]))
-            turn_tokens = self.backend.embed_turn({"user_speech": rep(feats[0]), "agent_speech": rep(feats[1]),
-                                                   "user_motion": rep(user_motion), "uncond": uncond})
-            visible = conv.ring.visible_turns             # context experiment: fewer past turns
-            n_past = len(tokens) if visible is None else min(visible, len(tokens))
-            window = turn_tokens
-            if n_past:                                      # past turns (conditional row) + this turn
-                past = np.concatenate(tokens[len(tokens) - n_past:])
-                window = np.concatenate([np.repeat(past[None], r, axis=0), turn_tokens], axis=1)
-            z = self.backend.encode_window(window)
-            keep = self.bundle["context_turns"] - 1
-            tokens = (tokens + (turn_tokens[0],))[-keep:] if keep else ()
-            new_state.append(turn_tokens[0])
-        else:
-            feats = self.backend.encode_audio(np.stack([ua, aa]))
-            inputs = {"user_speech": rep(feats[0]), "user_motion": rep(user_motion),
-                      "agent_speech": rep(feats[1]), "agent_motion": np.zeros((r, f, MOTION_DIM), np.float32),
-                      "agent_mask": np.ones((r, f), np.float32), "uncond": uncond,
-                      "user_motion_absent": np.full(r, 1.0 if um is None else 0.0, np.float32),
-                      "past_turn_age": conv.ring.token_ages(r)}
-            z, present = self.backend.encoder_step(inputs, self._cache)
-        noise = PhiloxNormal(self.seed)
-        noise.set_state(conv.noise)
-        x = sample_turn(self.backend.denoise, z.reshape(-1, z.shape[-1]), noise, self.schedule,
-                        self.temperature, self.cfg)
-        if self.history == "feedback":
-            inputs.update(agent_motion=rep(x), agent_mask=np.zeros((r, f), np.float32),
-                          uncond=np.zeros(r, np.float32))
-            _, present = self.backend.encoder_step(inputs, self._cache)
-        motion = (x * self._std + self._mean).astype(np.float32)
-        if not self.window and isinstance(present, np.ndarray):   # device caches: z stands for them
-            new_state.append(present)
-        if not all(np.isfinite(a).all() for a in (motion, z, *new_state)):
-            raise TimarRuntimeError(f"turn {conv.turns}: the model produced NaN or Inf from finite, in-range "
-                                    f"input; the session is unchanged (is the bundle's model sound?)")
-
-        slot = -1 if self.window else conv.ring.next_slot()
-
-        def write() -> None:
-            if slot >= 0:
-                self._cache = self.backend.commit(self._cache, present, slot)
-
-        after = replace(conv, ring=conv.ring.advance(), noise=noise.get_state(), turns=conv.turns + 1,
-                        tokens=tokens, audio_norm=norms)
-        return motion, after, write
+        result = _run_turns_together([_Turn(self, conv, ua, um, aa)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     # ---- checks --------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -481,22 +439,11 @@ class Session:
         return conv, cache
 
 
-def _integer(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise TimarInputError(f"{name}: expected an integer in {lo}..{hi}, got {value!r}")
-    return int(value)
-
-
 def _real(name: str, value, lo: float, hi: float) -> float:
     if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
             or not (math.isfinite(value) and lo <= value <= hi)):
         raise TimarInputError(f"{name}: expected a finite number in {lo:g}..{hi:g}, got {value!r}")
     return float(value)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (the affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _ring_steps(turns: int, slots: int) -> int:
@@ -517,3 +464,176 @@ def _finite_array(value, shape: tuple, name: str) -> np.ndarray:
         raise TimarInputError(f"state: {name}: contains NaN or Inf")
     return a
 
+
+
+# ---- turns of several sessions in one batch -------------------------------------------------------
+def step_many(turns) -> list:
+    """`Session.step` for several sessions of one Model at once: each graph runs once for all of
+    them (rows = sessions x CFG rows), and every session gets the motion it would get alone.
+
+    turns: (session, user_audio, user_motion, agent_audio) per session, as for `Session.step`;
+        each session at most once.
+    Returns, per session in order, its motion float32 [frames_per_turn, 56], or the exception
+    its `step` would have raised (then that session alone is unchanged).
+    """
+    turns = list(turns)
+    sessions = [t[0] for t in turns]
+    if not all(isinstance(s, Session) for s in sessions) or len({id(s) for s in sessions}) != len(sessions):
+        raise TimarInputError("turns: expected (session, user_audio, user_motion, agent_audio) tuples, each "
+                              "session at most once")
+    if len({id(s.model) for s in sessions}) > 1:
+        raise TimarInputError("turns: expected sessions of one Model (batching runs that model's graphs once)")
+    results: list = [None] * len(turns)
+    ready = []
+    for i, (s, ua, um, aa) in enumerate(turns):
+        try:
+            ready.append((i, _Turn(s, s._conv, s._audio(ua, "user_audio", exact=True),
+                                   None if um is None else s._motion(um, "user_motion", exact=True),
+                                   s._audio(aa, "agent_audio", exact=True))))
+        except TimarInputError as e:
+            results[i] = e
+    for i, outcome in zip([i for i, _ in ready], _run_turns_together([t for _, t in ready])):
+        if isinstance(outcome, BaseException):
+            results[i] = outcome
+            continue
+        motion, conv, write = outcome
+        session = turns[i][0]
+        write()
+        session._conv = conv
+        results[i] = motion
+    return results
+
+
+@dataclass
+class _Turn:
+    """One session's turn inside a batch: its inputs, checked."""
+    session: "Session"
+    conv: Conversation
+    ua: np.ndarray
+    um: np.ndarray | None
+    aa: np.ndarray
+
+
+def _run_turns_together(turns: list[_Turn]) -> list:
+    """Run turns of sessions of one Model, none of them committed, in as few graph calls as
+    possible: turns that share a number of sampling steps, a history mode and (window bundles) a
+    window length run as one batch. Returns per turn (motion, conversation after, write) or the
+    exception that turn raised."""
+    groups: dict = {}
+    for k, t in enumerate(turns):
+        s = t.session
+        n_past = _visible_past(t.conv) if s.window else 0
+        # The cache goes in as one batched tensor: host caches can be stacked, device caches not.
+        stackable = s.window or isinstance(s._cache, np.ndarray)
+        groups.setdefault((s.steps, s.history, n_past, -1 if stackable else k), []).append(k)
+    results: list = [None] * len(turns)
+    for members in groups.values():
+        try:
+            outcomes = _run_group([turns[k] for k in members])
+        except Exception as e:  # noqa: BLE001 - a backend failure fails the turns of its batch
+            outcomes = [e] * len(members)
+        for k, outcome in zip(members, outcomes):
+            results[k] = outcome
+    return results
+
+
+def _ready(conv: Conversation, samples: int, frames: int) -> int:
+    """Whole turns in conv's buffers: both audio streams, and the user motion once tracked."""
+    ua, aa, um = conv.buffers
+    ready = min(len(ua), len(aa)) // samples
+    return min(ready, len(um) // frames) if conv.motion_tracked else ready
+
+
+def _visible_past(conv: Conversation) -> int:
+    visible = conv.ring.visible_turns                       # context experiment: fewer past turns
+    return len(conv.tokens) if visible is None else min(visible, len(conv.tokens))
+
+
+def _run_group(turns: list[_Turn]) -> list:
+    """Turns with the same steps, history and window length: each graph once for all of them."""
+    first = turns[0].session
+    model, backend, f = first.model, first.backend, first.frames
+    rows = [t.session.rows for t in turns]
+    offsets = np.cumsum([0] + rows)
+    rep = lambda a, r: np.repeat(a[None], r, axis=0)  # noqa: E731
+    cat = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+    # A user whose face is not tracked reads as the neutral face (all-zero FLAME parameters);
+    # the SDK's models also get the "absent" flag, which replaces those tokens.
+    user_motion = [(((np.zeros((f, MOTION_DIM), np.float32) if t.um is None else t.um) - model.motion_mean)
+                    / model.motion_std).astype(np.float32) for t in turns]
+    uncond = [np.array([0.0, 1.0][:r], np.float32) for r in rows]
+    if first.window:
+        norms = [(t.conv.audio_norm[0].update(t.ua), t.conv.audio_norm[1].update(t.aa)) for t in turns]
+        waves = [w for t, n in zip(turns, norms) for w in (n[0].apply(t.ua), n[1].apply(t.aa))]
+    else:
+        waves = [w for t in turns for w in (t.ua, t.aa)]
+    feats = backend.encode_audio(np.stack(waves))          # [2N, F, Da]: user, agent per turn
+    if first.window:
+        tokens_in = {"user_speech": cat([rep(feats[2 * i], r) for i, r in enumerate(rows)]),
+                     "agent_speech": cat([rep(feats[2 * i + 1], r) for i, r in enumerate(rows)]),
+                     "user_motion": cat([rep(m, r) for m, r in zip(user_motion, rows)]), "uncond": cat(uncond)}
+        turn_tokens = backend.embed_turn(tokens_in)         # [B, P, D]
+        n_past = _visible_past(turns[0].conv)
+        windows = []
+        for t, r, o in zip(turns, rows, offsets):
+            own = turn_tokens[o:o + r]
+            if n_past:                                      # past turns (conditional row) + this turn
+                past = np.concatenate(t.conv.tokens[len(t.conv.tokens) - n_past:])
+                own = np.concatenate([rep(past, r), own], axis=1)
+            windows.append(own)
+        z = backend.encode_window(cat(windows))
+    else:
+        inputs = {"user_speech": cat([rep(feats[2 * i], r) for i, r in enumerate(rows)]),
+                  "user_motion": cat([rep(m, r) for m, r in zip(user_motion, rows)]),
+                  "agent_speech": cat([rep(feats[2 * i + 1], r) for i, r in enumerate(rows)]),
+                  "agent_motion": np.zeros((offsets[-1], f, MOTION_DIM), np.float32),
+                  "agent_mask": np.ones((offsets[-1], f), np.float32), "uncond": cat(uncond),
+                  "user_motion_absent": cat([np.full(r, 1.0 if t.um is None else 0.0, np.float32)
+                                             for t, r in zip(turns, rows)]),
+                  "past_turn_age": cat([t.conv.ring.token_ages(r) for t, r in zip(turns, rows)])}
+        cache = first._cache if len(turns) == 1 else np.concatenate([t.session._cache for t in turns], axis=2)
+        z, present = backend.encoder_step(inputs, cache)
+    noises = []
+    for t in turns:
+        noise = PhiloxNormal(t.session.seed)
+        noise.set_state(t.conv.noise)
+        noises.append(noise)
+    zs = [z[o:o + r].reshape(-1, z.shape[-1]) for o, r in zip(offsets, rows)]
+    xs = sample_turns(backend.denoise, zs, noises, first.schedule, [t.session.temperature for t in turns],
+                      [t.session.cfg for t in turns])
+    if first.history == "feedback":
+        inputs.update(agent_motion=cat([rep(x, r) for x, r in zip(xs, rows)]),
+                      agent_mask=np.zeros((offsets[-1], f), np.float32), uncond=np.zeros(offsets[-1], np.float32))
+        _, present = backend.encoder_step(inputs, cache)
+
+    results = []
+    for i, (t, x, o, r) in enumerate(zip(turns, xs, offsets, rows)):
+        motion = (x * model.motion_std + model.motion_mean).astype(np.float32)
+        checked = [motion, zs[i]]                            # what the turn adds must be finite
+        tokens, turn_norms, turn_present = t.conv.tokens, t.conv.audio_norm, None
+        if first.window:
+            keep = first.bundle["context_turns"] - 1
+            tokens = (tokens + (turn_tokens[o],))[-keep:] if keep else ()
+            turn_norms = norms[i]
+            checked.append(turn_tokens[o])
+        else:
+            turn_present = present[:, :, o:o + r] if len(turns) > 1 else present
+            if isinstance(turn_present, np.ndarray):          # device caches: z stands for them
+                checked.append(turn_present)
+        if not all(np.isfinite(a).all() for a in checked):
+            results.append(TimarRuntimeError(
+                f"turn {t.conv.turns}: the model produced NaN or Inf from finite, in-range input; the session "
+                f"is unchanged (is the bundle's model sound?)"))
+            continue
+        after = replace(t.conv, ring=t.conv.ring.advance(), noise=noises[i].get_state(), turns=t.conv.turns + 1,
+                        tokens=tokens, audio_norm=turn_norms)
+        results.append((motion, after, _writer(t.session, turn_present, -1 if first.window else t.conv.ring.next_slot())))
+    return results
+
+
+def _writer(session: "Session", present, slot: int):
+    """A function that puts a turn's keys/values into the session's cache slot."""
+    def write() -> None:
+        if slot >= 0:
+            session._cache = session.backend.commit(session._cache, present, slot)
+    return write

@@ -15,6 +15,7 @@ against ONNX Runtime wherever ``tensorrt``, ``pycuda`` and a CUDA GPU are presen
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ class TensorRTBackend:
         cuda.init()
         self._cuda = cuda
         self._ctx = cuda.Device(DEVICE).retain_primary_context()
+        self._lock = threading.RLock()
         self.providers = [f"TensorRT {trt.__version__} ({gpu})"]
         self.device = "cuda"
         cache = bundle["cache"]
@@ -200,12 +202,15 @@ class TensorRTBackend:
 
     @contextmanager
     def _active(self):
-        """Make the primary context current on this thread for the duration of a call."""
-        self._ctx.push()
-        try:
-            yield
-        finally:
-            self._cuda.Context.pop()
+        """Make the primary context current on this thread for the duration of a call. One call
+        at a time: the engines share one stream and their bound buffers, and a Model may serve
+        sessions on several threads."""
+        with self._lock:
+            self._ctx.push()
+            try:
+                yield
+            finally:
+                self._cuda.Context.pop()
 
     # ---- the three graphs --------------------------------------------------------------------
     def encode_audio(self, waveform: np.ndarray) -> np.ndarray:

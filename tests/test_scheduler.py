@@ -1,0 +1,58 @@
+"""Streaming through a Scheduler: push only buffers, turns of many streams run batched on the
+worker thread, and every stream gets the motion its Session would give alone."""
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from test_shared_model import conversation
+from timar_sdk import Model, Scheduler, Session, TimarInputError
+
+CHUNK = 320          # 20 ms at 16 kHz
+
+
+def test_streams_in_20ms_chunks_equal_sessions_alone():
+    model = Model()
+    settings = [dict(seed=1), dict(seed=2, cfg=2.0), dict(seed=3, history="feedback")]
+    turns = 3
+    data = [conversation(turns, seed=40 + k) for k in range(len(settings))]
+    tracked = [False, True, False]                      # the user's face is tracked in stream 1 only
+    want = []
+    for st, (ua, um, aa), t in zip(settings, data, tracked):
+        s = Session(model, **st)
+        want.append([s.step(ua[i], um[i] if t else None, aa[i]) for i in range(turns)])
+    seen_on_worker = []
+    with Scheduler(model) as scheduler:
+        streams = [scheduler.open(on_motion=lambda c: seen_on_worker.append(threading.current_thread().name), **st)
+                   for st in settings]
+        for i in range(turns):
+            for pos in range(0, 16000, CHUNK):          # the three streams' callbacks, interleaved
+                for stream, (ua, um, aa), t in zip(streams, data, tracked):
+                    motion = um[i][pos * 25 // 16000:(pos + CHUNK) * 25 // 16000] if t else []
+                    stream.push(user_audio=ua[i][pos:pos + CHUNK], agent_audio=aa[i][pos:pos + CHUNK],
+                                user_motion=motion if len(motion) else None)
+        for k, stream in enumerate(streams):
+            for i in range(turns):
+                chunk = stream.get(timeout=60)
+                assert chunk.turn == i and chunk.start_s == pytest.approx(i * 1.0) and chunk.latency_s > 0
+                assert np.abs(chunk.frames - want[k][i]).max() < 1e-5, (settings[k], i)
+    assert len(seen_on_worker) == turns * len(settings) and set(seen_on_worker) == {"timar-scheduler"}
+
+
+def test_push_refuses_bad_input_in_the_caller_and_other_streams_go_on():
+    model = Model()
+    ua, um, aa = conversation(1, seed=50)
+    with Scheduler(model) as scheduler:
+        good, bad = scheduler.open(seed=1), scheduler.open(seed=2)
+        with pytest.raises(TimarInputError, match="agent_audio"):
+            bad.push(user_audio=ua[0], agent_audio=np.full(16000, np.nan, np.float32))
+        assert bad.session.ready_turns == 0 and len(bad.session.get_state()["buffers"]["user_audio"]) == 0
+        good.push(user_audio=ua[0], agent_audio=aa[0])
+        chunk = good.get(timeout=60)
+        assert np.abs(chunk.frames - Session(model, seed=1).step(ua[0], None, aa[0])).max() < 1e-5
+        with pytest.raises(queue.Empty):
+            bad.get(timeout=0.2)
+        bad.close()
+        with pytest.raises(TimarInputError, match="stream: closed"):
+            bad.push(user_audio=ua[0])

@@ -1,0 +1,85 @@
+"""`Model`: a bundle and its backend, loaded once and shared by any number of `Session`s.
+
+    model = timar_sdk.Model()                        # the shipped bundle, loaded once
+    a, b = timar_sdk.Session(model, seed=1), timar_sdk.Session(model, seed=2)
+
+A Model holds only what does not change while it serves conversations: the validated bundle,
+the backend's loaded graphs and the motion statistics. Each Session holds its own conversation
+(cache, ring ages, generator, buffers), so sessions of one Model may run on different threads at
+once: ONNX Runtime's and torch's inference calls are thread-safe, and the TensorRT backend
+serialises its calls on its CUDA stream.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from timar_sdk.errors import BundleError, TimarInputError
+from timar_sdk.layout import MOTION_DIM
+from timar_sdk.runtime.backends import BACKENDS, make_backend
+from timar_sdk.runtime.bundle import Bundle
+from timar_sdk.runtime.rng import PhiloxNormal
+
+
+class Model:
+    """A loaded bundle.
+
+    bundle: a bundle folder (str or path), a `Bundle`, or None for the default bundle shipped in
+        the package.
+    backend: "auto" | "onnxruntime" | "tensorrt" | "torch".
+    threads: intra-op threads of the backend, 1..(CPUs of this process) (None: the backend's
+        default).
+    Raises TimarInputError naming the argument, or BundleError naming the bundle file.
+    """
+
+    def __init__(self, bundle: str | os.PathLike | Bundle | None = None, backend: str = "auto",
+                 threads: int | None = None):
+        t0 = time.perf_counter()
+        if bundle is not None and not isinstance(bundle, (str, os.PathLike, Bundle)):
+            raise TimarInputError(f"bundle: expected a bundle folder (str or path), a Bundle or None, "
+                                  f"got {bundle!r}")
+        if backend not in BACKENDS:
+            raise TimarInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if threads is not None:
+            threads = check_integer("threads", threads, 1, cpus())
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        m = self.bundle.manifest
+        if m["generator"]["name"] != PhiloxNormal.NAME:
+            raise BundleError(f"manifest.json: generator {m['generator']['name']!r} is not implemented "
+                              f"here (this runtime has {PhiloxNormal.NAME!r})")
+        # "cached": past turns live as keys/values (the SDK's models). "window_recompute": past
+        # turns live as token embeddings and the whole window runs each turn (the authors' models).
+        self.window = m["attention"] == "window_recompute"
+        if self.window and m["audio_normalization"]["mode"] != "running":
+            raise BundleError(f"manifest.json: audio_normalization {m['audio_normalization']['mode']!r} is not "
+                              f"implemented for window_recompute bundles (this runtime has 'running')")
+        self.frames = m["frames_per_turn"]
+        self.samples = m["samples_per_turn"]
+        self.motion_mean, self.motion_std = self.bundle.motion_mean, self.bundle.motion_std
+        self.backend = make_backend(backend, self.bundle, threads)
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def info(self) -> dict:
+        """The bundle's facts and the backend (motion names: timar_sdk.MOTION_NAMES)."""
+        m = self.bundle.manifest
+        return {"fps": m["fps"], "frames_per_turn": self.frames, "sample_rate": m["sample_rate"],
+                "samples_per_turn": self.samples, "motion_dim": MOTION_DIM,
+                "motion_layout": {k: m["motion_layout"][k] for k in ("exp", "jaw", "neck")},
+                "context_turns": m["context_turns"], "attention": m["attention"],
+                "backend": self.backend.name, "providers": list(self.backend.providers),
+                "model_preset": m["model"]["preset"]}
+
+
+def check_integer(name: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in lo..hi, else TimarInputError naming `name`."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise TimarInputError(f"{name}: expected an integer in {lo}..{hi}, got {value!r}")
+    return int(value)
+
+
+def cpus() -> int:
+    """CPUs this process may run on (the affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
