@@ -117,7 +117,6 @@ class Session:
         self.frames = self.model.frames
         self.samples = self.model.samples
         self.rows = 1 if self.cfg == 1.0 else 2
-        self._mean, self._std = self.model.motion_mean, self.model.motion_std
         self.reset()
         self.start_seconds = time.perf_counter() - t0
 
