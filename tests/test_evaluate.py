@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from timar_sdk.audio import load_audio
-from timar_sdk.cli import run_conversation
+from timar_sdk.conversation import run_conversation
 from timar_sdk.data.dualtalk import motion_from_npz
 from timar_sdk.data.synthetic import write_synthetic_corpus
 from timar_sdk.evaluate import eval_cmd, evaluate_dirs, generate_cmd, generate_split

@@ -17,6 +17,7 @@ from timar_sdk.model.config import preset
 from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.backends import HostCacheBackend
 from timar_sdk.runtime.bundle import sha256_of, write_manifest
+from timar_sdk.runtime import tensorrt_backend
 from timar_sdk.runtime.tensorrt_backend import FLOAT_BYTES, slot_copy
 
 
@@ -100,8 +101,8 @@ def test_tensorrt_refused_with_what_is_missing_and_auto_falls_back(bundle, tmp_p
 def test_no_engines_for_this_gpu_names_both_and_how_to_build(bundle, tmp_path, monkeypatch):
     """With TensorRT and a GPU faked: the engine-set lookup uses timar-build's GPU name."""
     foreign = with_foreign_engines(bundle, tmp_path / "foreign")
-    monkeypatch.setattr(tb, "check_tensorrt_available", lambda: None)
-    monkeypatch.setattr(tb, "gpu_info", lambda device=0: {"name": "NVIDIA Test GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(tensorrt_backend, "check_tensorrt_available", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "gpu_info", lambda device=0: {"name": "NVIDIA Test GPU", "compute_capability": "9.0"})
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     for b, has in ((bundle, "it has: none"), (foreign, "it has: Imaginary GPU / TensorRT 0.0")):
         with pytest.raises(ValueError) as e:

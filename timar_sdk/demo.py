@@ -23,7 +23,8 @@ def audio_level_per_frame(audio: np.ndarray, sample_rate: int, fps: int) -> np.n
 def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> Iterator[str]:
     """Run the demo into `out_dir`, yielding a line for each file written or step skipped (an
     optional package that is missing skips the plot or the video and says how to install it)."""
-    from timar_sdk.cli import align_inputs, install_hint, run_conversation
+    from timar_sdk.conversation import align_inputs, run_conversation
+    from timar_sdk.errors import install_hint
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sr, fps = session.info["sample_rate"], session.info["fps"]

@@ -1,4 +1,4 @@
-"""The SDK's exceptions. Every message names the argument or file and what was expected."""
+"""The SDK's exceptions, and the install hint their messages share. Every message names the argument or file and what was expected."""
 from __future__ import annotations
 
 
@@ -14,3 +14,8 @@ class TimarRuntimeError(RuntimeError):
 
 class BundleError(ValueError):
     """A bundle that cannot be used: the message names the file and what is wrong."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: the package is installed from its checkout, not from PyPI."""
+    return f'pip install -e ".[{extra}]" in the timar-sdk checkout'

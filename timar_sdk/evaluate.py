@@ -118,7 +118,7 @@ def generate_split(data_dir, out_dir, bundle=None, backend: str = "auto",
             `out_dir` holding predictions made with other settings. BundleError: a bad bundle.
     """
     from timar_sdk.audio import load_audio
-    from timar_sdk.cli import run_conversation
+    from timar_sdk.conversation import run_conversation
     from timar_sdk.progress import progress_bar
     from timar_sdk.data.dualtalk import list_examples, motion_from_npz
     from timar_sdk.runtime.bundle import Bundle

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from timar_sdk.export import tensorrt_build as tb
+from timar_sdk.runtime.tensorrt_env import check_tensorrt_available, gpu_info
 from timar_sdk.runtime.bundle import Bundle
 
 GRAPHS = ("audio_encoder", "encoder_step", "denoiser")
@@ -157,10 +157,10 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle):
-        tb.check_tensorrt_available()          # TensorRTUnavailable (a RuntimeError): what is missing
+        check_tensorrt_available()          # TensorRTUnavailable (a RuntimeError): what is missing
         import tensorrt as trt
 
-        gpu = tb.gpu_info(DEVICE)["name"]      # the name timar-build recorded the engines under
+        gpu = gpu_info(DEVICE)["name"]      # the name timar-build recorded the engines under
         entry = bundle.engine_set(gpu, trt.__version__)
         if entry is None:
             have = "; ".join(f"{e['gpu']} / TensorRT {e['tensorrt']}" for e in bundle["engines"]) or "none"
