@@ -149,3 +149,15 @@ def test_step_many_refuses_sessions_of_two_models_or_twice_the_same():
         step_many([(a, ua[0], um[0], aa[0]), (b, ua[0], um[0], aa[0])])
     with pytest.raises(TimarInputError, match="each session at most once"):
         step_many([(a, ua[0], um[0], aa[0]), (a, ua[0], um[0], aa[0])])
+
+
+def test_spinning_is_opt_in():
+    """ONNX Runtime's threads sleep between operators unless the model asks them to spin (spinning
+    threads fight any other busy process for the cores)."""
+    def spinning(model):
+        opts = model.backend.sessions["encoder_step"].get_session_options()
+        return opts.get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(Model()) == "0" and spinning(Model(spin=True)) == "1"
+    with pytest.raises(TimarInputError, match="spin: expected True or False"):
+        Model(spin="yes")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from timar_sdk.progress import progress_bar
+from timar_sdk.runtime.model import Model
 from timar_sdk.runtime.session import Session
 
 
@@ -243,7 +244,7 @@ def random_weight_bundle(preset_name: str, out_dir: Path):
 
 
 def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=None,
-              compare_torch=True, steps=None, log: Callable[[str], None] | None = None) -> dict:
+              compare_torch=True, steps=None, log: Callable[[str], None] | None = None, spin: bool = False) -> dict:
     """Benchmark a bundle (or a random-weight `preset_name`); `log`, when given, receives a line
     before each long stage and progress bars are shown on stderr."""
     say = log or (lambda line: None)
@@ -255,7 +256,7 @@ def run_bench(bundle=None, backend="auto", preset_name=None, turns=50, threads=N
         bundle = Path(tmp.name) / preset_name
         say(f"exporting a random-weight {preset_name} bundle (a minute or more for the large presets)")
         model = random_weight_bundle(preset_name, bundle)
-    session = Session(bundle, backend=backend, threads=threads, steps=steps)
+    session = Session(Model(bundle, backend=backend, threads=threads, spin=spin), steps=steps)
     say(f"timing {turns} turns of {session.bundle.dir} on {session.backend.name}, after a warm-up")
     result = {"bundle": str(session.bundle.dir), "preset": session.bundle["model"]["preset"],
               "backend": session.backend.name, "providers": session.backend.providers,

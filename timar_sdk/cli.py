@@ -286,6 +286,8 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="Intra-op threads of the backend and of torch (default: the backend's).")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Diffusion steps (default: manifest).")
+@click.option("--spin", is_flag=True, help="ONNX Runtime threads spin between operators (faster on a machine that "
+                                          "runs nothing else, much slower beside other work).")
 @click.option("--no-torch", is_flag=True, help="Skip the torch full-window recompute baseline.")
 @click.option("--sessions", default=None, type=click.IntRange(min=1),
               help="Instead: N conversations on one Model, one turn each per round, one at a time against "
@@ -299,7 +301,7 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
               help="With --sessions or --streams: sessions per batched call (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON results here.")
-def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, steps, no_torch, sessions, streams,
+def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, steps, spin, no_torch, sessions, streams,
               seconds, max_batch, as_json, json_out):
     """Per-turn latency (p50/p95 by stage), real-time factor, RSS, vs torch window recompute; or,
     with --sessions, throughput of many conversations on one model. Progress goes to stderr,
@@ -312,7 +314,7 @@ def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, step
         from timar_sdk.bench import bench_sessions, bench_streams
         if preset_name:
             raise click.UsageError("--sessions and --streams run a bundle (--bundle), not a random-weight --preset")
-        model = Model(bundle, backend=backend, threads=threads)
+        model = Model(bundle, backend=backend, threads=threads, spin=spin)
         if streams:
             click.echo(f"streaming {streams} conversations for {seconds:g} s", err=True)
             result = bench_streams(model, streams, seconds, max_batch=max_batch)
@@ -328,7 +330,7 @@ def bench_cmd(bundle, backend, preset_name, random_weights, turns, threads, step
         click.echo(json.dumps(result, indent=2) if as_json else text)
     else:
         result = run_bench(bundle, backend, preset_name, turns, threads, not no_torch, steps,
-                           log=lambda line: click.echo(line, err=True))
+                           log=lambda line: click.echo(line, err=True), spin=spin)
         click.echo(json.dumps(result, indent=2) if as_json else format_result(result))
     if json_out:
         write_json(json_out, result)

@@ -58,7 +58,8 @@ class OrtBackend(HostCacheBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None,
+                 spin: bool = False):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -74,10 +75,12 @@ class OrtBackend(HostCacheBackend):
         if threads:
             opts.intra_op_num_threads = threads
         # A graph is dozens of small operators: pool threads that spin between them instead of
-        # sleeping save a wake-up per operator (2-3 ms of the tiny model's turn on a 2-core CPU).
-        # But the graphs of a turn run one after another, each with its own pool, so the spinning
-        # must stop when a run returns, or one graph's threads steal the cores from the next.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        # sleeping save a wake-up per operator (3-6 ms of the tiny model's turn on a free 2-core
+        # CPU). But beside any other busy process the spinning threads fight it for the cores and
+        # a turn takes 2.5x as long (BENCHMARKS.md, contention), so spinning is opt-in, for
+        # machines that run nothing else. When on, it stops when a run returns, or one graph's
+        # threads would steal the cores from the next graph of the turn.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = {}
         for name in bundle["graphs"]:
@@ -193,7 +196,7 @@ def resolve_checkpoint(source: str, bundle_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def make_backend(name: str, bundle: Bundle, threads: int | None = None):
+def make_backend(name: str, bundle: Bundle, threads: int | None = None, spin: bool = False):
     """'auto': TensorRT engines for this GPU, else ONNX Runtime with CUDA, else ONNX Runtime CPU."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
@@ -212,4 +215,4 @@ def make_backend(name: str, bundle: Bundle, threads: int | None = None):
     import onnxruntime as ort
     cuda = "CUDAExecutionProvider" in ort.get_available_providers() and not os.environ.get("TIMAR_FORCE_CPU")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    return OrtBackend(bundle, providers, threads)
+    return OrtBackend(bundle, providers, threads, spin)

@@ -29,11 +29,14 @@ class Model:
     backend: "auto" | "onnxruntime" | "tensorrt" | "torch".
     threads: intra-op threads of the backend, 1..(CPUs of this process) (None: the backend's
         default).
+    spin: ONNX Runtime's threads spin between operators instead of sleeping: 3-6 ms faster per
+        tiny turn on a machine that runs nothing else, 2.5x slower beside another busy process
+        (BENCHMARKS.md), so off by default.
     Raises TimarInputError naming the argument, or BundleError naming the bundle file.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle | None = None, backend: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = False):
         t0 = time.perf_counter()
         if bundle is not None and not isinstance(bundle, (str, os.PathLike, Bundle)):
             raise TimarInputError(f"bundle: expected a bundle folder (str or path), a Bundle or None, "
@@ -42,6 +45,8 @@ class Model:
             raise TimarInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if threads is not None:
             threads = check_integer("threads", threads, 1, cpus())
+        if not isinstance(spin, bool):
+            raise TimarInputError(f"spin: expected True or False, got {spin!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         m = self.bundle.manifest
         if m["generator"]["name"] != PhiloxNormal.NAME:
@@ -56,7 +61,7 @@ class Model:
         self.frames = m["frames_per_turn"]
         self.samples = m["samples_per_turn"]
         self.motion_mean, self.motion_std = self.bundle.motion_mean, self.bundle.motion_std
-        self.backend = make_backend(backend, self.bundle, threads)
+        self.backend = make_backend(backend, self.bundle, threads, spin)
         self.load_seconds = time.perf_counter() - t0
 
     @property
