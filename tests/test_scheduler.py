@@ -56,3 +56,20 @@ def test_push_refuses_bad_input_in_the_caller_and_other_streams_go_on():
         bad.close()
         with pytest.raises(TimarInputError, match="stream: closed"):
             bad.push(user_audio=ua[0])
+
+
+def test_close_flushes_the_trailing_partial_turn():
+    model = Model()
+    ua, um, aa = conversation(2, seed=60)
+    n = 16000 + 8000
+    want = Session(model, seed=5)
+    want_frames = np.concatenate([want.feed(user_audio=ua.reshape(-1)[:n], agent_audio=aa.reshape(-1)[:n]),
+                                  want.flush()])
+    with Scheduler(model) as scheduler:
+        stream = scheduler.open(seed=5)
+        stream.push(user_audio=ua.reshape(-1)[:n], agent_audio=aa.reshape(-1)[:n])
+        stream.close()
+        first, last = stream.get(timeout=60), stream.get(timeout=60)
+    assert (first.turn, last.turn) == (0, 1) and last.start_s == pytest.approx(1.0)
+    assert first.frames.shape == (25, 56) and last.frames.shape == (12, 56)
+    assert np.abs(np.concatenate([first.frames, last.frames]) - want_frames).max() < 1e-5

@@ -56,6 +56,7 @@ class Stream:
         self._lock = threading.Lock()
         self._completed_at: list[float] = []      # when each ready turn's input became complete
         self._queue: queue.Queue = queue.Queue()
+        self._flush = False
         self.closed = False
 
     def push(self, user_audio=None, user_motion=None, agent_audio=None) -> None:
@@ -78,11 +79,32 @@ class Stream:
             raise item
         return item
 
-    def close(self) -> None:
-        """Stop taking input; turns already complete still run and arrive on `get`."""
+    def close(self, flush: bool = True) -> None:
+        """Stop taking input. Turns already complete still run and arrive on `get`; with `flush`,
+        the trailing partial turn then runs too, padded as `Session.flush` pads it, and arrives
+        as a last, shorter chunk."""
+        self._flush = flush
         self.closed = True
+        self._scheduler._wake()
 
     # ---- used by the scheduler's worker ----------------------------------------------------
+    def _finish(self) -> None:
+        """A closed stream whose whole turns have run: its flushed tail, if asked for."""
+        s = self.session
+        if not self._flush or not min(len(s._conv.user_audio), len(s._conv.agent_audio)):
+            return
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                turn = s.turns
+                frames = s.flush()
+        except Exception as e:  # noqa: BLE001 - reported on this stream's queue
+            self._queue.put(e)
+            return
+        if len(frames):
+            seconds = s.samples / s.bundle["sample_rate"]
+            self._queue.put(MotionChunk(turn, turn * seconds, frames, time.perf_counter() - t0))
+
     def _take_turn(self) -> tuple[_Turn, float] | None:
         """The first ready turn (inputs and the conversation it starts from), or None."""
         with self._lock:
@@ -176,8 +198,11 @@ class Scheduler:
     def _round(self) -> bool:
         """One turn of every stream that has one, in batches; False when none had one."""
         with self._lock:
-            self._streams = [s for s in self._streams if not (s.closed and not s.session.ready_turns)]
+            done = [s for s in self._streams if s.closed and not s.session.ready_turns]
+            self._streams = [s for s in self._streams if s not in done]
             streams = list(self._streams)
+        for stream in done:
+            stream._finish()
         taken = [(stream, t) for stream in streams if (t := stream._take_turn()) is not None]
         size = self.max_batch or max(len(taken), 1)
         for i in range(0, len(taken), size):
