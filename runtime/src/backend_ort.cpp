@@ -75,10 +75,11 @@ class OrtBackend final : public Backend {
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
     opts.SetInterOpNumThreads(1);
     if (cfg.threads > 0) opts.SetIntraOpNumThreads(cfg.threads);
-    // Pool threads spin between a graph's many small operators instead of sleeping, and stop
-    // when the run returns: the graphs of a turn run back to back on separate pools, and one
-    // graph's spinning threads would steal the cores from the next (the Python runtime sets the same).
-    opts.AddConfigEntry("session.intra_op.allow_spinning", "1");
+    // Pool threads sleep between a graph's many small operators, as in the Python runtime: threads
+    // that spin save 3-4 ms of a tiny turn on an idle machine but make it 2-3x slower beside any
+    // other busy process (BENCHMARKS.md, contention). Spinning, where enabled, stops when a run
+    // returns, so one graph's threads never steal the cores from the next graph of the turn.
+    opts.AddConfigEntry("session.intra_op.allow_spinning", "0");
     opts.AddConfigEntry("session.force_spinning_stop", "1");
     if (kind_ == TIMAR_BACKEND_ORT_CUDA) {
       OrtCUDAProviderOptions cuda{};
