@@ -73,3 +73,11 @@ def test_close_flushes_the_trailing_partial_turn():
     assert (first.turn, last.turn) == (0, 1) and last.start_s == pytest.approx(1.0)
     assert first.frames.shape == (25, 56) and last.frames.shape == (12, 56)
     assert np.abs(np.concatenate([first.frames, last.frames]) - want_frames).max() < 1e-5
+
+
+def test_a_closed_scheduler_opens_no_streams():
+    scheduler = Scheduler(Model())
+    scheduler.close()
+    assert not scheduler._worker.is_alive()
+    with pytest.raises(TimarInputError, match="scheduler: closed"):
+        scheduler.open(seed=1)

@@ -166,6 +166,8 @@ class Scheduler:
         """A new stream: a Session on this scheduler's model with `session_settings` (seed, steps,
         temperature, cfg, history, context_turns). on_motion(chunk), if given, is called on the
         worker thread for every turn, as well as the chunk being queued for `get`."""
+        if self._stopping:
+            raise TimarInputError("scheduler: closed; make a new Scheduler")
         stream = Stream(self, Session(self.model, **session_settings), on_motion)
         with self._lock:
             self._streams.append(stream)
@@ -190,8 +192,13 @@ class Scheduler:
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
-            while self._round():
-                pass
+            try:
+                while self._round():
+                    pass
+            except Exception as e:  # noqa: BLE001 - never let the worker die silently: tell every stream
+                with self._lock:
+                    for stream in self._streams:
+                        stream._queue.put(e)
             if self._stopping:
                 return
 
