@@ -128,7 +128,8 @@ def sample_turns(denoise: DenoiseFn, zs: list[np.ndarray], noises: list[NoiseSou
     z_all = zs[0] if len(zs) == 1 else np.concatenate(zs)
     for i, k in enumerate(reversed(range(steps))):
         t = np.full(z_all.shape[0], sched.timesteps[k], dtype=np.float32)
-        x_in = np.concatenate([x if cfg == 1.0 else np.concatenate([x, x]) for x, cfg in zip(xs, cfgs)])
+        parts = [x if cfg == 1.0 else np.concatenate([x, x]) for x, cfg in zip(xs, cfgs)]
+        x_in = parts[0] if len(parts) == 1 else np.concatenate(parts)
         out_all = np.asarray(denoise(x_in, t, z_all), dtype=np.float32)
         start = 0
         for j, (f, cfg) in enumerate(zip(frames, cfgs)):

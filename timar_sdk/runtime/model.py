@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from timar_sdk.errors import BundleError, TimarInputError
 from timar_sdk.layout import MOTION_DIM
 from timar_sdk.runtime.backends import BACKENDS, make_backend
@@ -78,8 +80,6 @@ class Model:
 
 def check_integer(name: str, value, lo: int, hi: int) -> int:
     """`value` as an int in lo..hi, else TimarInputError naming `name`."""
-    import numpy as np
-
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise TimarInputError(f"{name}: expected an integer in {lo}..{hi}, got {value!r}")
     return int(value)

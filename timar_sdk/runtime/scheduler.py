@@ -102,8 +102,7 @@ class Stream:
             self._queue.put(e)
             return
         if len(frames):
-            seconds = s.samples / s.bundle["sample_rate"]
-            self._queue.put(MotionChunk(turn, turn * seconds, frames, time.perf_counter() - t0))
+            self._deliver(turn, frames, t0)
 
     def _take_turn(self) -> tuple[_Turn, float] | None:
         """The first ready turn (inputs and the conversation it starts from), or None."""
@@ -133,8 +132,12 @@ class Stream:
         if isinstance(outcome, BaseException):
             self._queue.put(outcome)
             return
-        seconds = s.samples / s.bundle["sample_rate"]
-        chunk = MotionChunk(after.turns - 1, (after.turns - 1) * seconds, motion, time.perf_counter() - completed_at)
+        self._deliver(after.turns - 1, motion, completed_at)
+
+    def _deliver(self, turn: int, frames: np.ndarray, since: float) -> None:
+        """Queue turn `turn`'s motion (and hand it to on_motion); latency counted from `since`."""
+        s = self.session
+        chunk = MotionChunk(turn, turn * s.samples / s.bundle["sample_rate"], frames, time.perf_counter() - since)
         self._queue.put(chunk)
         if self.on_motion is not None:
             try:

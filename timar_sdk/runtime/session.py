@@ -204,13 +204,10 @@ class Session:
         bundle's rate; user_motion: [frames_per_turn, 56] raw FLAME values, or None when the
         user's face is not tracked. Returns the agent's motion float32 [frames_per_turn, 56].
         Ignores (and keeps) what feed() has buffered."""
-        ua = self._audio(user_audio, "user_audio", exact=True)
-        aa = self._audio(agent_audio, "agent_audio", exact=True)
-        um = None if user_motion is None else self._motion(user_motion, "user_motion", exact=True)
-        motion, conv, write = self._turn(self._conv, ua, um, aa)
-        write()
-        self._conv = conv
-        return motion
+        result = step_many([(self, user_audio, user_motion, agent_audio)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def feed(self, user_audio=None, user_motion=None, agent_audio=None) -> np.ndarray:
         """Pieces of any length (a 20 ms audio callback, a few motion frames); returns the frames
