@@ -1,5 +1,7 @@
-"""The native runtime (runtime/): the C ABI tests, and the C++ runtime, the C# (Unity) bindings
-under Mono and the C++ example each give the Python Session's motion for the same conversation;
+"""The native runtime (runtime/): the C ABI tests (one model shared by many sessions included:
+batched turns equal each session alone), and the C++ runtime, the C# (Unity) bindings under Mono
+(one head, and two heads sharing one model through its native worker) and the C++ example each
+give the Python Session's motion for the same conversation;
 the C++ runtime also on a window_recompute bundle (the authors' models: token window + running
 audio normalisation). Through ctypes, the C ABI on tampered bundles (files outside the folder,
 manifest.sha256, the manifest's numbers) and on graphs rewritten to emit Inf/NaN (a turn that
@@ -117,11 +119,11 @@ def conversation(tmp_path_factory):
 _reference: dict = {}
 
 
-def python_motion(bundle, conv, cfg, with_motion, history=None):
+def python_motion(bundle, conv, cfg, with_motion, history=None, seed=SEED):
     """The Python Session's motion (onnxruntime backend): all whole turns fed, then flush."""
-    key = (str(bundle), str(conv["dir"]), cfg, with_motion, history)
+    key = (str(bundle), str(conv["dir"]), cfg, with_motion, history, seed)
     if key not in _reference:
-        s = Session(bundle, backend="onnxruntime", seed=SEED, cfg=cfg, history=history)
+        s = Session(bundle, backend="onnxruntime", seed=seed, cfg=cfg, history=history)
         fed = s.feed(user_audio=conv["ua"], user_motion=conv["um"] if with_motion else None, agent_audio=conv["aa"])
         _reference[key] = np.concatenate([fed, s.flush()])
     return _reference[key]
@@ -260,15 +262,25 @@ def test_window_context_turns_equals_python(build, window_bundle, window_convers
 
 
 # ---- C# (Unity bindings) under Mono ---------------------------------------------------------
-@pytest.fixture(scope="session")
-def csharp_test(build, tmp_path_factory) -> Path:
+def _csharp_program(tmp_path_factory, test: str) -> Path:
+    """runtime/tests/csharp/{test}.cs compiled with the Unity bindings (and TestSupport.cs) into an .exe."""
     if shutil.which("mcs") is None or shutil.which("mono") is None:
         pytest.skip("mono not installed (apt-get install mono-mcs mono-runtime): C# bindings not tested")
-    exe = tmp_path_factory.mktemp("csharp") / "ConversationTest.exe"
+    exe = tmp_path_factory.mktemp("csharp") / f"{test}.exe"
     sources = sorted((ROOT / "runtime" / "unity" / "Runtime").glob("*.cs"))
     _run(["mcs", "-langversion:7", "-unsafe", "-warnaserror+", f"-out:{exe}", *sources,
-          ROOT / "runtime" / "tests" / "csharp" / "ConversationTest.cs"])
+          ROOT / "runtime" / "tests" / "csharp" / "TestSupport.cs", ROOT / "runtime" / "tests" / "csharp" / f"{test}.cs"])
     return exe
+
+
+@pytest.fixture(scope="session")
+def csharp_test(build, tmp_path_factory) -> Path:
+    return _csharp_program(tmp_path_factory, "ConversationTest")
+
+
+@pytest.fixture(scope="session")
+def csharp_two_heads(build, tmp_path_factory) -> Path:
+    return _csharp_program(tmp_path_factory, "TwoHeadsTest")
 
 
 @pytest.mark.parametrize("cfg,with_motion", [(1.0, True), (1.0, False), (2.0, True), (2.0, False)])
@@ -294,6 +306,24 @@ def test_csharp_bindings_on_window_bundle(build, csharp_test, window_bundle, win
     want = python_motion(window_bundle, window_conversation, 2.0, True)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < TOL
+
+
+def test_csharp_two_heads_share_one_model(build, csharp_two_heads, bundle, conversation, tmp_path):
+    """Two heads (seeds SEED and SEED+1; cfg 1 with the user's motion, cfg 2 without) on one
+    TimarModel: input accepted from an audio thread in 20 ms pieces, turns run batched by the
+    native worker, motion polled on the main thread, the trailing half turn flushed after the
+    model was disposed: each head equals the Python Session of its seed."""
+    d = conversation["dir"]
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{build}:{ORT_ROOT / 'lib'}"}
+    out = _run(["mono", csharp_two_heads, bundle, d / "ua.f32", d / "aa.f32", d / "um.f32", SEED, 320,
+                tmp_path / "a.f32", tmp_path / "b.f32"], env=env)
+    assert " 0 failed" in out, out
+    for name, cfg, with_motion, seed in (("a", 1.0, True, SEED), ("b", 2.0, False, SEED + 1)):
+        got = np.fromfile(tmp_path / f"{name}.f32", np.float32).reshape(-1, 56)
+        want = python_motion(bundle, conversation, cfg, with_motion, seed=seed)
+        assert got.shape == want.shape, name
+        err = np.abs(got - want).max(axis=1)
+        assert err.max() < TOL, f"head {name}: frame {int(err.argmax())} differs by {err.max():.2e}"
 
 
 # ---- the C++ example --------------------------------------------------------------------------
@@ -358,8 +388,18 @@ class _Info(ctypes.Structure):
         (n, ctypes.c_int32) for n in ("exp_begin", "exp_end", "jaw_begin", "jaw_end", "neck_begin", "neck_end")]
 
 
+class _ModelOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("backend", ctypes.c_int32), ("threads", ctypes.c_int32),
+                ("device_id", ctypes.c_int32), ("verify_hashes", ctypes.c_int32), ("spin", ctypes.c_int32)]
+
+
 TIMAR_ERR_BUNDLE, TIMAR_ERR_NUMERIC = 6, 12
 _F32P = ctypes.POINTER(ctypes.c_float)
+_SIZEP = ctypes.POINTER(ctypes.c_size_t)
+
+
+def _ptr(a: np.ndarray | None):
+    return None if a is None else a.ctypes.data_as(_F32P)
 
 
 class CApi:
@@ -373,8 +413,16 @@ class CApi:
         lib.timar_session_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
         lib.timar_step.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_size_t, _F32P, ctypes.c_size_t, _F32P,
                                    ctypes.c_size_t, _F32P, ctypes.c_size_t]
-        lib.timar_get_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                        ctypes.POINTER(ctypes.c_size_t)]
+        lib.timar_get_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, _SIZEP]
+        lib.timar_model_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(_ModelOptions),
+                                           ctypes.POINTER(ctypes.c_void_p)]
+        lib.timar_model_destroy.argtypes = [ctypes.c_void_p]
+        lib.timar_session_create_from_model.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.timar_session_accept.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_size_t, _F32P, ctypes.c_size_t, _F32P,
+                                             ctypes.c_size_t, _SIZEP]
+        lib.timar_model_run_ready.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _SIZEP, _SIZEP]
+        lib.timar_session_poll_motion.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_size_t, _SIZEP,
+                                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_double)]
 
     def error(self) -> str:
         return self.lib.timar_last_error().decode("utf-8", "replace")
@@ -389,10 +437,40 @@ class CApi:
 
     def step(self, s, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray) -> tuple[int, np.ndarray]:
         out = np.zeros((25, 56), np.float32)
-        ptr = lambda a: a.ctypes.data_as(_F32P) if a is not None else None  # noqa: E731
-        status = self.lib.timar_step(s, ptr(ua), len(ua), ptr(um), 0 if um is None else len(um), ptr(aa), len(aa),
-                                     ptr(out), 25)
+        status = self.lib.timar_step(s, _ptr(ua), len(ua), _ptr(um), 0 if um is None else len(um), _ptr(aa), len(aa),
+                                     _ptr(out), 25)
         return status, out
+
+    def create_model(self, bundle: Path) -> ctypes.c_void_p:
+        o = _ModelOptions()
+        self.lib.timar_model_options_init(ctypes.byref(o))
+        o.threads, o.backend = 1, 1   # TIMAR_BACKEND_ORT_CPU
+        m = ctypes.c_void_p()
+        assert self.lib.timar_model_create(str(bundle).encode(), ctypes.byref(o), ctypes.byref(m)) == 0, self.error()
+        return m
+
+    def session_of(self, model) -> ctypes.c_void_p:
+        """A session of `model` with the default options (seed 0, the bundle's sampling)."""
+        s = ctypes.c_void_p()
+        assert self.lib.timar_session_create_from_model(model, None, ctypes.byref(s)) == 0, self.error()
+        return s
+
+    def accept(self, s, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray) -> int:
+        ready = ctypes.c_size_t()
+        assert self.lib.timar_session_accept(s, _ptr(ua), len(ua), _ptr(um), 0 if um is None else len(um), _ptr(aa),
+                                             len(aa), ctypes.byref(ready)) == 0, self.error()
+        return ready.value
+
+    def run_ready(self, model) -> tuple[int, int]:
+        turns, batches = ctypes.c_size_t(), ctypes.c_size_t()
+        assert self.lib.timar_model_run_ready(model, 0, ctypes.byref(turns), ctypes.byref(batches)) == 0, self.error()
+        return turns.value, batches.value
+
+    def poll(self, s) -> tuple[int, int, np.ndarray]:
+        """(status, turn index, frames) of the session's oldest queued turn."""
+        out, frames, turn = np.zeros((25, 56), np.float32), ctypes.c_size_t(), ctypes.c_uint64(99)
+        status = self.lib.timar_session_poll_motion(s, _ptr(out), 25, ctypes.byref(frames), ctypes.byref(turn), None)
+        return status, turn.value, out[:frames.value]
 
     def turns(self, s) -> int:
         info = _Info(struct_size=ctypes.sizeof(_Info))
@@ -628,6 +706,35 @@ def test_non_finite_turn_is_not_committed(capi, bundle_copy, tmp_path):
         assert capi.turns(s) == 0 and capi.state(s) == before
     finally:
         capi.lib.timar_session_destroy(s)
+
+
+def test_non_finite_turn_fails_only_its_session_in_a_batch(capi, bundle_copy, tmp_path):
+    """One batch of two sessions of one model whose graph puts Inf into the cache on untracked
+    turns: the untracked session's turn fails alone (TIMAR_ERR_NUMERIC through its own poll, its
+    input dropped, its state as before), the tracked one's is committed and equals it alone."""
+    rng = np.random.default_rng(6)
+    ua, aa = [(rng.standard_normal(16000) * 0.2).astype(np.float32) for _ in range(2)]
+    um = (rng.standard_normal((25, 56)) * 0.3).astype(np.float32)
+    cache_bad = _poisoned(bundle_copy, tmp_path / "cache", "encoder_step", "present_key_values",
+                          _inverse_of("user_motion_absent", [1, 1, -1, 1, 1, 1]))
+    model = capi.create_model(cache_bad)
+    tracked, untracked, alone = (capi.session_of(model) for _ in range(3))
+    try:
+        before = capi.state(untracked)
+        assert capi.accept(tracked, ua, um, aa) == 1 and capi.accept(untracked, ua, None, aa) == 1
+        assert capi.run_ready(model) == (2, 1)                  # both turns in one batch
+        status, turn, frames = capi.poll(untracked)
+        assert status == TIMAR_ERR_NUMERIC and turn == 0 and len(frames) == 0, (status, capi.error())
+        assert "turn 0" in capi.error() and "cache" in capi.error(), capi.error()
+        assert capi.turns(untracked) == 0 and capi.state(untracked) == before
+        status, turn, frames = capi.poll(tracked)
+        want = capi.step(alone, ua, um, aa)
+        assert status == 0 and turn == 0 and want[0] == 0 and np.abs(frames - want[1]).max() < 1e-5
+        assert capi.turns(tracked) == 1
+    finally:
+        capi.lib.timar_model_destroy(model)   # before its sessions: they keep the graphs
+        for s in (tracked, untracked, alone):
+            capi.lib.timar_session_destroy(s)
 
 
 # ---- the C++ example's command line ------------------------------------------------------------

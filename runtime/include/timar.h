@@ -4,10 +4,28 @@
  * Streams a two-person conversation turn by turn through a TIMAR bundle (the folder written by
  * timar-export: manifest.json, audio_encoder.onnx, encoder_step.onnx, denoiser.onnx and, when
  * built, TensorRT engines; or a window_recompute bundle of the authors' models, with
- * token_embed.onnx and window_encoder.onnx instead of encoder_step.onnx) and returns the agent's 3D head motion: per frame 56 floats, FLAME
- * expression 0..49, jaw pose 50..52 (axis-angle), neck/global pose 53..55 (axis-angle), at the
- * bundle's fps (25). It is the same loop as the Python `timar_sdk.Session`, with the same
- * portable random generator, so a seed gives the same motion in Python, C++ and Unity.
+ * token_embed.onnx and window_encoder.onnx instead of encoder_step.onnx) and returns the
+ * agent's 3D head motion: per frame 56 floats, FLAME expression 0..49, jaw pose 50..52
+ * (axis-angle), neck/global pose 53..55 (axis-angle), at the bundle's fps (25). It is the same
+ * loop as the Python `timar_sdk.Session`, with the same portable random generator, so a seed
+ * gives the same motion in Python, C++ and Unity.
+ *
+ * Objects
+ *  - A model (timar_model) is a bundle and its loaded graphs: loaded once, shared by any number
+ *    of sessions (timar_session_create_from_model). timar_session_create() makes a session
+ *    with a private model of its own.
+ *  - A session (timar_session) is one conversation: its cache or token window, generator,
+ *    input buffers and the motion it has not yet handed out. Two ways to drive it:
+ *    direct calls that run inference on the calling thread (timar_step, timar_feed,
+ *    timar_flush), or buffered streaming: timar_session_accept() only buffers input, the
+ *    model's whole buffered turns run batched (timar_model_run_ready() on a thread of yours, or
+ *    the model's own worker thread: timar_model_start_worker()), and timar_session_poll_motion()
+ *    hands out each turn's motion. Drive one session one way at a time.
+ *  - Batching: one batched call runs every graph once for the turns of several sessions of a
+ *    model (rows = sessions x CFG rows); each session gets the motion it gets alone, to float
+ *    error (1e-5). Sessions whose settings differ in steps or history (window_recompute
+ *    bundles: also in the number of past turns in their window), and TensorRT sessions, run in
+ *    separate batches.
  *
  * Conventions
  *  - Every function that can fail returns a timar_status; TIMAR_OK is 0. On failure a message
@@ -24,19 +42,34 @@
  *    refused with TIMAR_ERR_INVALID_ARGUMENT.
  *  - A turn whose motion, or what it would add to the session (new cache entries, tokens),
  *    holds NaN or Inf is not committed: TIMAR_ERR_NUMERIC, and the session is unchanged.
+ *    In a batch only that session's turn fails; the others are committed.
  *  - Output buffers belong to the caller; their capacity is passed in and checked.
+ *  - Options structs carry struct_size: fill them with their _init() function first.
  *  - No C++ types and no exceptions cross this interface.
  *
- * Thread safety
- *  - A session is not thread-safe: call it from one thread at a time (e.g. one session per
- *    thread, or your own lock). Distinct sessions are independent and may run concurrently,
- *    also when created from the same bundle folder.
+ * Thread safety and blocking
+ *  - A model may be used from any number of threads: its sessions' turns run concurrently
+ *    (ONNX Runtime) or one graph call at a time (TensorRT, one CUDA stream).
+ *  - timar_session_accept() and timar_session_poll_motion() may be called from any thread, also
+ *    while the session's turn runs in a batch on another thread: they hold the session's input
+ *    lock only to check and copy (never during inference), so they suit an audio callback.
+ *  - The other session calls lock the session: on several threads they take turns, and while a
+ *    batch runs this session's turn they wait for that batch. The direct calls hold the input
+ *    lock too, so an accept on another thread waits for them: do not mix the two ways.
+ *  - Blocking calls: the _create functions (load graphs); timar_step, timar_feed, timar_flush and
+ *    timar_model_run_ready (inference); timar_model_stop_worker and timar_model_destroy (wait for
+ *    the worker's current batch).
+ *  - Destroying an object while another thread uses it is an error of the caller, as in C
+ *    generally. Sessions keep their model's graphs alive (reference counting): destroying the
+ *    model handle first is safe; the sessions stay usable and the graphs are freed with the
+ *    last of them.
  *  - timar_last_error() is thread-local: read it on the thread whose call failed.
- *  - The free functions (version, options_init, status_string, pcm16_to_float, philox helpers)
- *    are thread-safe.
+ *  - The free functions (version, *_options_init, status_string, pcm16_to_float, philox
+ *    helpers) are thread-safe.
  *
- * Lifetime: timar_session_create() -> any calls -> timar_session_destroy(). The bundle folder
- * is read during create only.
+ * Lifetime: timar_model_create() -> timar_session_create_from_model() (any number) -> calls ->
+ * timar_session_destroy() and timar_model_destroy() in any order; or timar_session_create() ->
+ * calls -> timar_session_destroy(). The bundle folder is read during create only.
  */
 #ifndef TIMAR_H_
 #define TIMAR_H_
@@ -60,7 +93,7 @@ extern "C" {
 
 /* Version of this header's ABI. timar_abi_version() returns the library's: refuse to run when
  * they differ (a new ABI version means a changed struct or signature). */
-#define TIMAR_ABI_VERSION 1
+#define TIMAR_ABI_VERSION 2
 #define TIMAR_MOTION_DIM 56
 
 /* Input bounds: what a real microphone and face tracker can send (timar_sdk.layout.AUDIO_LIMIT
@@ -100,7 +133,8 @@ typedef enum timar_history {
   TIMAR_HISTORY_FEEDBACK = 2
 } timar_history;
 
-/* Session settings. Always fill with timar_options_init() first, then change fields. */
+/* Settings of timar_session_create (a session with a private model): the model's and the
+ * session's below in one struct. Always fill with timar_options_init() first, then change fields. */
 typedef struct timar_options {
   uint32_t struct_size;   /* sizeof(timar_options), set by timar_options_init               */
   uint32_t steps;         /* diffusion steps 1..num_train_steps (1000); 0 = the bundle's default */
@@ -117,7 +151,34 @@ typedef struct timar_options {
   int32_t device_id;      /* GPU index for CUDA / TensorRT (>= 0)                            */
 } timar_options;
 
-/* What a session runs; filled by timar_session_info(). */
+/* Model settings: what loads the graphs, shared by every session of the model. Always fill with
+ * timar_model_options_init() first, then change fields. */
+typedef struct timar_model_options {
+  uint32_t struct_size;   /* sizeof(timar_model_options), set by timar_model_options_init   */
+  int32_t backend;        /* timar_backend                                                   */
+  int32_t threads;        /* intra-op threads 1..(CPUs available to the process);
+                             0 = the backend's default                                       */
+  int32_t device_id;      /* GPU index for CUDA / TensorRT (>= 0)                            */
+  int32_t verify_hashes;  /* nonzero (default): check every file's sha256 against the manifest */
+  int32_t spin;           /* nonzero: ONNX Runtime's threads spin between operators (a few ms
+                             faster per turn on an idle machine, 2-3x slower beside other busy
+                             processes); 0 (default): they sleep                             */
+} timar_model_options;
+
+/* Per-conversation settings of a session made from a model. Always fill with
+ * timar_session_options_init() first, then change fields. Ranges as in timar_options. */
+typedef struct timar_session_options {
+  uint32_t struct_size;   /* sizeof(timar_session_options), set by timar_session_options_init */
+  uint32_t steps;         /* 0 = the bundle's default                                        */
+  uint64_t seed;
+  double temperature;     /* NaN = the bundle's default                                      */
+  double cfg;             /* NaN = the bundle's default                                      */
+  int32_t history;        /* timar_history                                                   */
+  int32_t context_turns;  /* -1 = all (W-1)                                                  */
+} timar_session_options;
+
+/* What a session runs; filled by timar_session_info() (timar_model_info(): the bundle's
+ * default settings, seed 0, turns 0). */
 typedef struct timar_info {
   uint32_t struct_size;      /* set by the caller to sizeof(timar_info)                     */
   int32_t fps;               /* motion frames per second (25)                               */
@@ -138,6 +199,7 @@ typedef struct timar_info {
   int32_t neck_begin, neck_end;  /* neck / global pose                                        */
 } timar_info;
 
+typedef struct timar_model timar_model;       /* opaque */
 typedef struct timar_session timar_session;   /* opaque */
 
 /* ---- library ---------------------------------------------------------------------------- */
@@ -149,20 +211,56 @@ TIMAR_API const char* timar_status_string(timar_status status);
  * does not clear it). The pointer stays valid until the next failing call on this thread. */
 TIMAR_API const char* timar_last_error(void);
 TIMAR_API void timar_options_init(timar_options* options);
+TIMAR_API void timar_model_options_init(timar_model_options* options);
+TIMAR_API void timar_session_options_init(timar_session_options* options);
+
+/* ---- model ------------------------------------------------------------------------------ */
+/* Open a bundle folder (UTF-8 path) and load its graphs once, for any number of sessions.
+ * options may be NULL (defaults). Checks the bundle as timar_session_create does. Options out
+ * of range: TIMAR_ERR_INVALID_ARGUMENT naming the field. */
+TIMAR_API timar_status timar_model_create(const char* bundle_dir, const timar_model_options* options,
+                                          timar_model** out_model);
+/* Stops the model's worker (after its current batch) and releases the handle; the graphs live
+ * on while sessions of the model do. NULL is ignored. */
+TIMAR_API void timar_model_destroy(timar_model* model);
+TIMAR_API timar_status timar_model_info(const timar_model* model, timar_info* out_info);
+/* "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt"; owned by the model. */
+TIMAR_API const char* timar_model_backend_name(const timar_model* model);
+
+/* Run one whole buffered turn (timar_session_accept) of every session of the model that has
+ * one, on the calling thread, in batches of at most max_batch sessions (0: no limit). A
+ * session busy in a call on another thread is left for a later call. Each turn's motion, or
+ * its error, goes to its session's queue (timar_session_poll_motion). Call again while
+ * *out_turns > 0 to run every buffered turn. out_turns: turns run; out_batches: the batched
+ * calls that ran them (either may be NULL). A failed turn does not fail this call. */
+TIMAR_API timar_status timar_model_run_ready(timar_model* model, size_t max_batch, size_t* out_turns,
+                                             size_t* out_batches);
+/* A thread of the model that runs the sessions' turns as they become ready, as
+ * timar_model_run_ready would, so that no thread of yours runs inference. One per model:
+ * starting a second is TIMAR_ERR_INVALID_ARGUMENT. Stop: returns after the current batch;
+ * turns still buffered stay buffered (no worker: TIMAR_OK, nothing to do). */
+TIMAR_API timar_status timar_model_start_worker(timar_model* model, size_t max_batch);
+TIMAR_API timar_status timar_model_stop_worker(timar_model* model);
 
 /* ---- session ---------------------------------------------------------------------------- */
-/* Open a bundle folder (UTF-8 path) and load its graphs. options may be NULL (defaults).
- * Always checks manifest.json against manifest.sha256 (the bundle's id), the manifest's
- * numbers and consistency, and that every file it names stays inside the folder; with
- * verify_hashes, every graph file's sha256 too. Options out of range: TIMAR_ERR_INVALID_ARGUMENT. */
+/* A session on a model; options may be NULL (defaults). The session keeps the model's graphs
+ * alive. Settings out of range: TIMAR_ERR_INVALID_ARGUMENT naming the field. */
+TIMAR_API timar_status timar_session_create_from_model(timar_model* model, const timar_session_options* options,
+                                                       timar_session** out_session);
+/* A session with a private model: open a bundle folder (UTF-8 path) and load its graphs.
+ * options may be NULL (defaults). Always checks manifest.json against manifest.sha256 (the
+ * bundle's id), the manifest's numbers and consistency, and that every file it names stays
+ * inside the folder; with verify_hashes, every graph file's sha256 too. Options out of range:
+ * TIMAR_ERR_INVALID_ARGUMENT. */
 TIMAR_API timar_status timar_session_create(const char* bundle_dir, const timar_options* options,
                                             timar_session** out_session);
-/* NULL is ignored. */
+/* NULL is ignored. Also while a batch on another thread (the model's worker, or
+ * timar_model_run_ready) runs the session's turn: the session is freed after that batch. */
 TIMAR_API void timar_session_destroy(timar_session* session);
 TIMAR_API timar_status timar_session_info(const timar_session* session, timar_info* out_info);
 /* "onnxruntime-cpu", "onnxruntime-cuda" or "tensorrt"; owned by the session. */
 TIMAR_API const char* timar_session_backend_name(const timar_session* session);
-/* Back to a fresh session: empty cache and buffers, generator at its seed. */
+/* Back to a fresh session: empty cache and buffers, generator at its seed, no motion queued. */
 TIMAR_API timar_status timar_session_reset(timar_session* session);
 
 /* Exactly one turn. user_audio and agent_audio: samples_per_turn samples each; user_motion:
@@ -215,6 +313,31 @@ TIMAR_API timar_status timar_flush(timar_session* session, float* out_motion,
 TIMAR_API timar_status timar_get_state(const timar_session* session, void* buffer,
                                        size_t capacity, size_t* out_size);
 TIMAR_API timar_status timar_set_state(timar_session* session, const void* buffer, size_t size);
+
+/* ---- buffered streaming ------------------------------------------------------------------- */
+/* Check and buffer pieces of any length (as timar_feed takes them) without running anything:
+ * whole turns run later in the model's batches (timar_model_run_ready, or its worker).
+ * out_ready_turns (may be NULL): the whole turns now buffered and not yet run; all inputs NULL
+ * with length 0 only asks for it. Bad input buffers nothing. */
+TIMAR_API timar_status timar_session_accept(timar_session* session,
+                                            const float* user_audio, size_t user_audio_samples,
+                                            const float* user_motion, size_t user_motion_frames,
+                                            const float* agent_audio, size_t agent_audio_samples,
+                                            size_t* out_ready_turns);
+
+/* The oldest turn run from accepted input and not yet polled, in the order they ran: its
+ * frames_per_turn frames into out_motion, *out_frames = frames_per_turn, its index in the
+ * conversation (0, 1, ...) in *out_turn and the media time of its first frame, seconds since the
+ * session's start (or reset), in *out_start_seconds (both may be NULL). Nothing queued: TIMAR_OK
+ * with *out_frames = 0. A capacity below frames_per_turn: TIMAR_ERR_BUFFER_TOO_SMALL, nothing
+ * taken, *out_frames = the frames needed. A turn that failed in its batch is reported here, once:
+ * its status (TIMAR_ERR_NUMERIC, TIMAR_ERR_BACKEND, ...) and message, with *out_turn and
+ * *out_start_seconds set; its input was dropped (it would fail again) and the conversation is as
+ * before it (the next turn has the same index, a later media time). Queued motion is kept until
+ * polled (about 5.6 KB a turn), and dropped by timar_session_reset and timar_set_state. */
+TIMAR_API timar_status timar_session_poll_motion(timar_session* session, float* out_motion,
+                                                 size_t out_capacity_frames, size_t* out_frames,
+                                                 uint64_t* out_turn, double* out_start_seconds);
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 /* 16-bit PCM -> float32 in [-1, 1) (x / 32768), as the Python runtime converts int16 audio. */

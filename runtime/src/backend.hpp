@@ -1,6 +1,9 @@
-// A backend runs the bundle's graphs and owns the KV cache (host or device memory) of cached
-// bundles. Everything else (ring, token window, sampler, generator, buffers) is shared in
-// session.cpp.
+// A backend runs a bundle's graphs for a Model: loaded once and shared by all of the model's
+// sessions, on any threads. What belongs to one conversation (the KV cache of a cached bundle)
+// lives in a KvCache the backend makes for each session; what belongs to one call (the present
+// keys/values of an encoder step) lives in a TurnKv the caller owns. So every method below may
+// run on several threads at once. Everything else (ring, token window, sampler, generator,
+// buffers) is shared in turns.cpp and session.cpp.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +16,8 @@
 
 namespace timar {
 
-// Inputs of encoder_step for `rows` rows (1, or 2 with classifier-free guidance).
+// Inputs of encoder_step for `rows` rows: the rows of every session of a batch (1 each, or 2
+// with classifier-free guidance), session after session.
 struct StepInputs {
   int rows = 1;
   const float* user_speech = nullptr;    // [rows, F, Da]
@@ -39,7 +43,40 @@ struct BackendConfig {
   int kind = 0;          // timar_backend (never AUTO here)
   int threads = 0;
   int device_id = 0;
-  int rows = 1;          // rows of the cache (2 with CFG)
+  bool spin = false;     // ONNX Runtime: intra-op threads spin between operators
+};
+
+// The cache geometry of a cached bundle: L layers, H heads, S slots of P tokens, hd per head.
+struct KvShape {
+  int L = 0, H = 0, S = 0, P = 0, hd = 0;
+  explicit KvShape(const Bundle& b) : L(b.layers), H(b.heads), S(b.slots), P(b.tokens_per_turn), hd(b.head_dim) {}
+  size_t block() const { return size_t(P) * size_t(hd); }   // one (layer, k/v, row, head) slice of a turn
+  size_t turn_floats(int rows) const { return size_t(L) * 2 * size_t(rows) * size_t(H) * block(); }
+  size_t cache_floats(int rows) const { return turn_floats(rows) * size_t(S); }
+};
+
+// One session's KV cache [L, 2, rows, H, S*P, hd], in the backend's memory (host or GPU). Its
+// rows are identical copies (the CFG rows read the same past). Made zeroed by Backend::new_cache.
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  virtual int rows() const = 0;
+  virtual size_t floats() const = 0;
+  virtual void clear() = 0;
+  virtual void to_host(float* out) const = 0;
+  virtual void from_host(const float* in) = 0;
+  // One slot of every row, [L, 2, rows, H, P, hd] (to undo a commit).
+  virtual void read_slot(int slot, std::vector<float>& out) const = 0;
+  virtual void write_slot(int slot, const std::vector<float>& in) = 0;
+};
+
+// The present keys/values [L, 2, B, H, P, hd] an encoder step computed for its B rows.
+class TurnKv {
+ public:
+  virtual ~TurnKv() = default;
+  virtual bool row_finite(int row) = 0;
+  // Row `row` into slot `slot` of every row of `cache`.
+  virtual void commit(int row, KvCache& cache, int slot) = 0;
 };
 
 class Backend {
@@ -47,16 +84,19 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
   virtual int kind() const = 0;
+  // Can one encoder_step read the caches of several sessions, stacked along the rows? (Host
+  // caches can; GPU caches, which never leave their buffers, cannot.)
+  virtual bool stacks_caches() const = 0;
+  virtual std::unique_ptr<KvCache> new_cache(int rows) = 0;
+  virtual std::unique_ptr<TurnKv> new_turn_kv() = 0;
 
-  // waveform [2, samples] (user, agent) -> speech features [2, F, Da]
-  virtual void encode_audio(const float* waveform, float* features) = 0;
-  // One encoder step reading the committed cache. z [rows, F, Dz] goes to `z`; the present
-  // keys/values stay in the backend as the pending turn (the last call wins).
-  virtual void encoder_step(const StepInputs& in, float* z) = 0;
-  // Bind z [n, Dz] for the following denoise calls (constant over a turn's steps).
-  virtual void bind_z(const float* z, int n) = 0;
-  // x_t [n, 56], t [n] -> model output [n, 112]
-  virtual void denoise(const float* x, const float* t, int n, float* out) = 0;
+  // waveforms [n, samples] -> speech features [n, F, Da]
+  virtual void encode_audio(const float* waveforms, int n, float* features) = 0;
+  // One encoder step reading `caches` (their rows, in order, are the in.rows rows; one cache
+  // unless stacks_caches()). z [rows, F, Dz] goes to `z`, the present keys/values to `kv`.
+  virtual void encoder_step(const StepInputs& in, KvCache* const* caches, size_t n_caches, float* z, TurnKv& kv) = 0;
+  // x_t [n, 56], t [n], z [n, Dz] -> model output [n, 112]
+  virtual void denoise(const float* x, const float* t, const float* z, int n, float* out) = 0;
 
   // window_recompute bundles (the backends that run them override these):
   // one turn's tokens [rows, P, D] from token_embed;
@@ -69,18 +109,6 @@ class Backend {
     (void)tokens, (void)rows, (void)n, (void)z;
     throw Error(TIMAR_ERR_UNSUPPORTED, std::string("backend: ") + name() + " does not run window_recompute bundles");
   }
-
-  // cached bundles: the cache [L, 2, rows, H, (W-1)*P, hd]: zero it; write the pending turn's row 0 into
-  // `slot` of every row; read / write one slot (for undo); the whole cache to / from the host.
-  virtual void clear_cache() = 0;
-  // Are the pending turn's keys/values (row 0: what commit writes) all finite?
-  virtual bool pending_finite() = 0;
-  virtual void commit(int slot) = 0;
-  virtual void read_slot(int slot, std::vector<float>& out) = 0;
-  virtual void write_slot(int slot, const std::vector<float>& in) = 0;
-  virtual size_t cache_floats() const = 0;
-  virtual void cache_to_host(float* out) = 0;
-  virtual void cache_from_host(const float* in) = 0;
 };
 
 std::unique_ptr<Backend> make_ort_backend(const Bundle& b, const BackendConfig& cfg);
@@ -91,12 +119,13 @@ std::string ort_version();
 std::unique_ptr<Backend> make_trt_backend(const Bundle& b, const BackendConfig& cfg, std::string* why);
 #endif
 
-// Shared helper: copy row 0 of present [L, 2, R, H, P, hd] into slot `slot` of every row of
-// cache [L, 2, R, H, S*P, hd] (host memory).
-void host_commit(const float* present, float* cache, int L, int R, int H, int S, int P, int hd, int slot);
-// Are row 0's blocks of present [L, 2, R, H, P, hd] (host memory) all finite?
-bool host_row0_finite(const float* present, int L, int R, int H, int P, int hd);
-void host_read_slot(const float* cache, float* out, int L, int R, int H, int S, int P, int hd, int slot);
-void host_write_slot(float* cache, const float* in, int L, int R, int H, int S, int P, int hd, int slot);
+// Host-memory helpers. present [L, 2, B, H, P, hd]; cache [L, 2, R, H, S*P, hd].
+// Row `row` of present into slot `slot` of every row of the cache:
+void host_commit(const KvShape& s, const float* present, int present_rows, int row, float* cache, int cache_rows,
+                 int slot);
+// Are row `row`'s keys/values of present all finite?
+bool host_row_finite(const KvShape& s, const float* present, int present_rows, int row);
+void host_read_slot(const KvShape& s, const float* cache, int rows, int slot, float* out);
+void host_write_slot(const KvShape& s, float* cache, int rows, int slot, const float* in);
 
 }  // namespace timar

@@ -1,6 +1,7 @@
 // ONNX Runtime backend (C++ API): CPU, or the CUDA execution provider when the library has it.
-// Inputs are wrapped in place (no copies) and outputs land in preallocated host buffers, so a
-// turn allocates nothing; the cache is one host array written in place, slot by slot.
+// Inputs are wrapped in place (no copies) and outputs land in the caller's buffers; a session's
+// cache is one host array written in place, slot by slot. The graphs are loaded once per model
+// and run from any thread (Ort::Session::Run is thread-safe).
 // Runs cached bundles (audio_encoder, encoder_step, denoiser) and window_recompute bundles
 // (audio_encoder, token_embed, window_encoder, denoiser; no cache).
 #include <onnxruntime_cxx_api.h>
@@ -16,45 +17,47 @@
 
 namespace timar {
 
-void host_commit(const float* present, float* cache, int L, int R, int H, int S, int P, int hd, int slot) {
-  const size_t block = size_t(P) * hd;   // one (l, kv, row, head) slice of a turn
-  for (int l = 0; l < L * 2; ++l)
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < H; ++h) {
-        const float* src = present + ((size_t(l) * R + 0) * H + h) * block;
-        float* dst = cache + ((size_t(l) * R + r) * H + h) * (size_t(S) * block) + size_t(slot) * block;
+void host_commit(const KvShape& s, const float* present, int present_rows, int row, float* cache, int cache_rows,
+                 int slot) {
+  const size_t block = s.block();
+  for (int lk = 0; lk < s.L * 2; ++lk)
+    for (int r = 0; r < cache_rows; ++r)
+      for (int h = 0; h < s.H; ++h) {
+        const float* src = present + ((size_t(lk) * present_rows + size_t(row)) * s.H + h) * block;
+        float* dst = cache + ((size_t(lk) * cache_rows + r) * s.H + h) * (size_t(s.S) * block) + size_t(slot) * block;
         std::memcpy(dst, src, block * sizeof(float));
       }
 }
 
-bool host_row0_finite(const float* present, int L, int R, int H, int P, int hd) {
-  const size_t row = size_t(H) * P * hd;   // one (l, kv) block of row 0
-  for (int lk = 0; lk < L * 2; ++lk) {
-    const float* p = present + size_t(lk) * R * row;
-    for (size_t i = 0; i < row; ++i)
+bool host_row_finite(const KvShape& s, const float* present, int present_rows, int row) {
+  const size_t n = size_t(s.H) * s.block();   // one (layer, k/v) block of a row
+  for (int lk = 0; lk < s.L * 2; ++lk) {
+    const float* p = present + (size_t(lk) * present_rows + size_t(row)) * n;
+    for (size_t i = 0; i < n; ++i)
       if (!std::isfinite(p[i])) return false;
   }
   return true;
 }
 
-void host_read_slot(const float* cache, float* out, int L, int R, int H, int S, int P, int hd, int slot) {
-  const size_t block = size_t(P) * hd;
-  size_t o = 0;
-  for (int l = 0; l < L * 2; ++l)
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < H; ++h, o += block)
-        std::memcpy(out + o, cache + ((size_t(l) * R + r) * H + h) * (size_t(S) * block) + size_t(slot) * block,
-                    block * sizeof(float));
+// Slot `slot` of every (layer, k/v, row, head) of a cache, to or from a packed [L, 2, rows, H, P, hd].
+template <class Copy>
+void for_each_slot_block(const KvShape& s, int rows, int slot, Copy copy) {
+  const size_t block = s.block();
+  size_t packed = 0;
+  for (int lrh = 0; lrh < s.L * 2 * rows * s.H; ++lrh, packed += block)
+    copy(size_t(lrh) * (size_t(s.S) * block) + size_t(slot) * block, packed, block);
 }
 
-void host_write_slot(float* cache, const float* in, int L, int R, int H, int S, int P, int hd, int slot) {
-  const size_t block = size_t(P) * hd;
-  size_t o = 0;
-  for (int l = 0; l < L * 2; ++l)
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < H; ++h, o += block)
-        std::memcpy(cache + ((size_t(l) * R + r) * H + h) * (size_t(S) * block) + size_t(slot) * block, in + o,
-                    block * sizeof(float));
+void host_read_slot(const KvShape& s, const float* cache, int rows, int slot, float* out) {
+  for_each_slot_block(s, rows, slot, [&](size_t at, size_t packed, size_t n) {
+    std::memcpy(out + packed, cache + at, n * sizeof(float));
+  });
+}
+
+void host_write_slot(const KvShape& s, float* cache, int rows, int slot, const float* in) {
+  for_each_slot_block(s, rows, slot, [&](size_t at, size_t packed, size_t n) {
+    std::memcpy(cache + at, in + packed, n * sizeof(float));
+  });
 }
 
 namespace {
@@ -64,22 +67,64 @@ Ort::Env& ort_env() {
   return env;
 }
 
+// A session's cache in host memory: input i of encoder_step is the block cache[i / 2][i % 2]
+// [rows, H, S*P, hd], a view into the one buffer.
+class HostKvCache final : public KvCache {
+ public:
+  HostKvCache(const KvShape& shape, int rows) : shape_(shape), rows_(rows), data_(shape.cache_floats(rows), 0.0f) {}
+  int rows() const override { return rows_; }
+  size_t floats() const override { return data_.size(); }
+  void clear() override { std::fill(data_.begin(), data_.end(), 0.0f); }
+  void to_host(float* out) const override { std::copy(data_.begin(), data_.end(), out); }
+  void from_host(const float* in) override { std::copy(in, in + data_.size(), data_.begin()); }
+  void read_slot(int slot, std::vector<float>& out) const override {
+    out.resize(shape_.turn_floats(rows_));
+    host_read_slot(shape_, data_.data(), rows_, slot, out.data());
+  }
+  void write_slot(int slot, const std::vector<float>& in) override {
+    host_write_slot(shape_, data_.data(), rows_, slot, in.data());
+  }
+  float* data() { return data_.data(); }
+  size_t block_floats() const { return data_.size() / (size_t(shape_.L) * 2); }   // one input's [rows, H, S*P, hd]
+
+ private:
+  KvShape shape_;
+  int rows_;
+  std::vector<float> data_;
+};
+
+// One call's present keys/values, and the caches of a batch stacked along the rows.
+class HostTurnKv final : public TurnKv {
+ public:
+  explicit HostTurnKv(const KvShape& shape) : shape_(shape) {}
+  bool row_finite(int row) override { return host_row_finite(shape_, present.data(), rows, row); }
+  void commit(int row, KvCache& cache, int slot) override {
+    auto& host = static_cast<HostKvCache&>(cache);
+    host_commit(shape_, present.data(), rows, row, host.data(), host.rows(), slot);
+  }
+  int rows = 0;
+  std::vector<float> present, stacked;
+
+ private:
+  KvShape shape_;
+};
+
 class OrtBackend final : public Backend {
  public:
   OrtBackend(const Bundle& b, const BackendConfig& cfg)
-      : kind_(cfg.kind), rows_(cfg.rows), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim),
-        L_(b.layers), H_(b.heads), hd_(b.head_dim), slots_(b.slots), P_(b.tokens_per_turn), D_(b.token_dim),
+      : kind_(cfg.kind), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim), P_(b.tokens_per_turn),
+        D_(b.token_dim), kv_(b),
         graphs_(b.graph_names()), cache_inputs_(b.cache_inputs), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
     Ort::SessionOptions opts;
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-    opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one turn at a time: no inter-op pool
+    opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one graph at a time: no inter-op pool
     opts.SetInterOpNumThreads(1);
     if (cfg.threads > 0) opts.SetIntraOpNumThreads(cfg.threads);
-    // Pool threads sleep between a graph's many small operators, as in the Python runtime: threads
-    // that spin save 3-4 ms of a tiny turn on an idle machine but make it 2-3x slower beside any
-    // other busy process (BENCHMARKS.md, contention). Spinning, where enabled, stops when a run
-    // returns, so one graph's threads never steal the cores from the next graph of the turn.
-    opts.AddConfigEntry("session.intra_op.allow_spinning", "0");
+    // Pool threads sleep between a graph's many small operators unless asked to spin, as in the
+    // Python runtime: threads that spin save 3-4 ms of a tiny turn on an idle machine but make
+    // it 2-3x slower beside any other busy process (BENCHMARKS.md, contention). Spinning stops
+    // when a run returns, so one graph's threads never steal the cores from the next graph.
+    opts.AddConfigEntry("session.intra_op.allow_spinning", cfg.spin ? "1" : "0");
     opts.AddConfigEntry("session.force_spinning_stop", "1");
     if (kind_ == TIMAR_BACKEND_ORT_CUDA) {
       OrtCUDAProviderOptions cuda{};
@@ -103,22 +148,22 @@ class OrtBackend final : public Backend {
         throw Error(TIMAR_ERR_BUNDLE, path + ": ONNX Runtime cannot load this graph (" + e.what() + ")");
       }
     }
-    cache_.assign(cache_floats(), 0.0f);
-    present_.assign(size_t(L_) * 2 * rows_ * H_ * P_ * hd_, 0.0f);
     step_in_names_ = {"user_speech", "user_motion", "agent_speech", "agent_motion", "agent_mask",
                       "uncond", "user_motion_absent", "past_turn_age"};
     for (const std::string& n : cache_inputs_) step_in_names_.push_back(n.c_str());
-    step_in_.reserve(step_in_names_.size());
   }
 
   const char* name() const override { return kind_ == TIMAR_BACKEND_ORT_CUDA ? "onnxruntime-cuda" : "onnxruntime-cpu"; }
   int kind() const override { return kind_; }
+  bool stacks_caches() const override { return true; }
+  std::unique_ptr<KvCache> new_cache(int rows) override { return std::unique_ptr<KvCache>(new HostKvCache(kv_, rows)); }
+  std::unique_ptr<TurnKv> new_turn_kv() override { return std::unique_ptr<TurnKv>(new HostTurnKv(kv_)); }
 
-  void encode_audio(const float* waveform, float* features) override {
-    const std::array<int64_t, 2> in_shape{2, S_};
-    const std::array<int64_t, 3> out_shape{2, F_, Da_};
-    Ort::Value in = tensor(const_cast<float*>(waveform), size_t(2) * S_, in_shape.data(), 2);
-    Ort::Value out = tensor(features, size_t(2) * F_ * Da_, out_shape.data(), 3);
+  void encode_audio(const float* waveforms, int n, float* features) override {
+    const std::array<int64_t, 2> in_shape{n, S_};
+    const std::array<int64_t, 3> out_shape{n, F_, Da_};
+    Ort::Value in = tensor(const_cast<float*>(waveforms), size_t(n) * S_, in_shape.data(), 2);
+    Ort::Value out = tensor(features, size_t(n) * F_ * Da_, out_shape.data(), 3);
     const char* in_names[] = {"waveform"};
     const char* out_names[] = {"speech_features"};
     run(graph("audio_encoder"), in_names, &in, 1, out_names, &out, 1);
@@ -147,18 +192,21 @@ class OrtBackend final : public Backend {
     run(graph("window_encoder"), in_names, &in, 1, out_names, &out, 1);
   }
 
-  void encoder_step(const StepInputs& x, float* z) override {
+  void encoder_step(const StepInputs& x, KvCache* const* caches, size_t n_caches, float* z, TurnKv& turn_kv) override {
+    auto& kv = static_cast<HostTurnKv&>(turn_kv);
     const int64_t r = x.rows;
-    if (r != rows_) throw Error(TIMAR_ERR_INTERNAL, "encoder_step: rows differ from the cache's");
-    const int64_t sp = int64_t(slots_) * P_;
+    const float* cache = stacked_caches(caches, n_caches, x.rows, kv);
+    kv.rows = x.rows;
+    kv.present.resize(kv_.turn_floats(x.rows));
+    const int64_t sp = int64_t(kv_.S) * kv_.P;
     const std::array<int64_t, 3> speech{r, F_, Da_}, motion{r, F_, 56};
     const std::array<int64_t, 2> mask{r, F_}, ages{r, sp};
     const std::array<int64_t, 1> row{r};
-    const std::array<int64_t, 4> past{r, H_, sp, hd_};
-    const std::array<int64_t, 6> present{L_, 2, r, H_, P_, hd_};
+    const std::array<int64_t, 4> past{r, kv_.H, sp, kv_.hd};
+    const std::array<int64_t, 6> present{kv_.L, 2, r, kv_.H, kv_.P, kv_.hd};
     const std::array<int64_t, 3> zs{r, F_, Dz_};
-    std::vector<Ort::Value>& in = step_in_;   // reused: its capacity was reserved at construction
-    in.clear();
+    std::vector<Ort::Value> in;
+    in.reserve(step_in_names_.size());
     in.push_back(tensor(const_cast<float*>(x.user_speech), size_t(r) * F_ * Da_, speech.data(), 3));
     in.push_back(tensor(const_cast<float*>(x.user_motion), size_t(r) * F_ * 56, motion.data(), 3));
     in.push_back(tensor(const_cast<float*>(x.agent_speech), size_t(r) * F_ * Da_, speech.data(), 3));
@@ -168,46 +216,46 @@ class OrtBackend final : public Backend {
     in.push_back(tensor(const_cast<float*>(x.user_motion_absent), size_t(r), row.data(), 1));
     in.push_back(Ort::Value::CreateTensor<int64_t>(mem_, const_cast<int64_t*>(x.past_turn_age), size_t(r * sp),
                                                    ages.data(), 2));
-    // Input i of the cache is the block cache[i / 2][i % 2]: a view into the one buffer.
-    const size_t block = size_t(r) * H_ * sp * hd_;
-    for (size_t i = 0; i < cache_inputs_.size(); ++i) in.push_back(tensor(cache_.data() + i * block, block, past.data(), 4));
+    const size_t block = kv_.cache_floats(x.rows) / (size_t(kv_.L) * 2);   // one input: [rows, H, S*P, hd]
+    for (size_t i = 0; i < cache_inputs_.size(); ++i)
+      in.push_back(tensor(const_cast<float*>(cache) + i * block, block, past.data(), 4));
     std::array<Ort::Value, 2> out{tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
-                                  tensor(present_.data(), present_.size(), present.data(), 6)};
+                                  tensor(kv.present.data(), kv.present.size(), present.data(), 6)};
     const char* out_names[] = {"z", "present_key_values"};
     run(graph("encoder_step"), step_in_names_.data(), in.data(), in.size(), out_names, out.data(), out.size());
   }
 
-  void bind_z(const float* z, int n) override { z_.assign(z, z + size_t(n) * Dz_); }
-
-  void denoise(const float* x, const float* t, int n, float* out) override {
-    if (size_t(n) * Dz_ != z_.size()) throw Error(TIMAR_ERR_INTERNAL, "denoise: z rows differ");
+  void denoise(const float* x, const float* t, const float* z, int n, float* out) override {
     const std::array<int64_t, 2> xs{n, 56}, zs{n, Dz_}, os{n, 112};
     const std::array<int64_t, 1> ts{n};
     std::array<Ort::Value, 3> in{tensor(const_cast<float*>(x), size_t(n) * 56, xs.data(), 2),
                                  tensor(const_cast<float*>(t), size_t(n), ts.data(), 1),
-                                 tensor(z_.data(), z_.size(), zs.data(), 2)};
+                                 tensor(const_cast<float*>(z), size_t(n) * Dz_, zs.data(), 2)};
     const char* in_names[] = {"x_t", "t", "z"};
     Ort::Value o = tensor(out, size_t(n) * 112, os.data(), 2);
     const char* out_names[] = {"model_output"};
     run(graph("denoiser"), in_names, in.data(), in.size(), out_names, &o, 1);
   }
 
-  void clear_cache() override { std::fill(cache_.begin(), cache_.end(), 0.0f); }
-  bool pending_finite() override { return host_row0_finite(present_.data(), L_, rows_, H_, P_, hd_); }
-  void commit(int slot) override { host_commit(present_.data(), cache_.data(), L_, rows_, H_, slots_, P_, hd_, slot); }
-  void read_slot(int slot, std::vector<float>& out) override {
-    out.resize(size_t(L_) * 2 * rows_ * H_ * P_ * hd_);
-    host_read_slot(cache_.data(), out.data(), L_, rows_, H_, slots_, P_, hd_, slot);
-  }
-  void write_slot(int slot, const std::vector<float>& in) override {
-    host_write_slot(cache_.data(), in.data(), L_, rows_, H_, slots_, P_, hd_, slot);
-  }
-  size_t cache_floats() const override { return size_t(L_) * 2 * rows_ * H_ * slots_ * P_ * hd_; }
-  void cache_to_host(float* out) override { std::copy(cache_.begin(), cache_.end(), out); }
-  void cache_from_host(const float* in) override { std::copy(in, in + cache_.size(), cache_.begin()); }
-
  private:
-  Ort::Value tensor(float* p, size_t n, const int64_t* shape, size_t rank) {
+  // The caches whose rows make up a batch as one [L, 2, rows, H, S*P, hd] array: a single
+  // cache as it is, several copied input block by input block into kv.stacked.
+  const float* stacked_caches(KvCache* const* caches, size_t n, int rows, HostTurnKv& kv) {
+    int have = 0;
+    for (size_t j = 0; j < n; ++j) have += caches[j]->rows();
+    if (have != rows) throw Error(TIMAR_ERR_INTERNAL, "encoder_step: the caches' rows differ from the inputs'");
+    if (n == 1) return static_cast<HostKvCache*>(caches[0])->data();
+    kv.stacked.resize(kv_.cache_floats(rows));
+    float* dst = kv.stacked.data();
+    for (size_t i = 0; i < cache_inputs_.size(); ++i)
+      for (size_t j = 0; j < n; ++j) {
+        auto* c = static_cast<HostKvCache*>(caches[j]);
+        const size_t block = c->block_floats();
+        dst = std::copy_n(c->data() + i * block, block, dst);
+      }
+    return kv.stacked.data();
+  }
+  Ort::Value tensor(float* p, size_t n, const int64_t* shape, size_t rank) const {
     return Ort::Value::CreateTensor<float>(mem_, p, n, shape, rank);
   }
   // Index of a graph in sessions_ (the bundle's graph_names() order).
@@ -216,6 +264,7 @@ class OrtBackend final : public Backend {
       if (std::strcmp(graphs_[i], name) == 0) return i;
     throw Error(TIMAR_ERR_INTERNAL, std::string("onnxruntime: this bundle has no graph ") + name);
   }
+  // Ort::Session::Run may be called from several threads at once.
   void run(size_t graph, const char* const* in_names, const Ort::Value* in, size_t n_in,
            const char* const* out_names, Ort::Value* out, size_t n_out) {
     try {
@@ -225,15 +274,14 @@ class OrtBackend final : public Backend {
     }
   }
 
-  int kind_, rows_;
-  int64_t F_, S_, Da_, Dz_, L_, H_, hd_, slots_, P_, D_;
+  int kind_;
+  int64_t F_, S_, Da_, Dz_, P_, D_;   // P_, D_: a turn's tokens [P, D] (window_recompute)
+  KvShape kv_;
   std::vector<const char*> graphs_;
   std::vector<std::string> cache_inputs_;
   std::vector<const char*> step_in_names_;   // encoder_step's inputs in order; the last point into cache_inputs_
   Ort::MemoryInfo mem_;
   std::vector<Ort::Session> sessions_;
-  std::vector<float> cache_, present_, z_;
-  std::vector<Ort::Value> step_in_;          // encoder_step's input values, views rebuilt each turn
 };
 
 }  // namespace

@@ -2,10 +2,13 @@
 // last error and returns a status. No exception or C++ type leaves this file.
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
 #include "error.hpp"
+#include "model.hpp"
 #include "philox.hpp"
 #include "session.hpp"
 #include "timar.h"
@@ -14,10 +17,16 @@
 #define TIMAR_VERSION_STRING "0.1.0"
 #endif
 
+// The handles: a session holds its Session (which holds its Model); a model handle holds the
+// Model and its worker, which the handle stops when it goes.
 struct timar_session {
-  timar::Session impl;
-  template <class... A>
-  explicit timar_session(A&&... a) : impl(std::forward<A>(a)...) {}
+  std::shared_ptr<timar::Session> impl;
+};
+
+struct timar_model {
+  std::shared_ptr<timar::Model> impl;
+  std::mutex worker_mutex;
+  std::unique_ptr<timar::Worker> worker;
 };
 
 namespace {
@@ -37,16 +46,9 @@ timar_status guarded(F&& f) {
   try {
     f();
     return TIMAR_OK;
-  } catch (const timar::Error& e) {
-    return fail(e.status, e.what());
-  } catch (const std::bad_alloc&) {
-    return fail(TIMAR_ERR_OUT_OF_MEMORY, "out of memory");
-  } catch (const std::invalid_argument& e) {
-    return fail(TIMAR_ERR_INVALID_ARGUMENT, e.what());
-  } catch (const std::exception& e) {
-    return fail(TIMAR_ERR_INTERNAL, std::string("internal error: ") + e.what());
   } catch (...) {
-    return fail(TIMAR_ERR_INTERNAL, "internal error: unknown exception");
+    const timar::Failure failure = timar::current_failure();
+    return fail(failure.status, failure.message);
   }
 }
 
@@ -60,6 +62,48 @@ std::string build_info() {
   s += ", tensorrt";
 #endif
   s += timar::ort_has_cuda() ? "; onnxruntime has CUDA" : "; onnxruntime CPU only";
+  return s;
+}
+
+// Options given (checked for struct_size) or the defaults of init.
+template <class Options>
+Options options_or_defaults(const Options* given, void (*init)(Options*), const char* type) {
+  Options o;
+  init(&o);
+  if (!given) return o;
+  if (given->struct_size != sizeof(Options))
+    throw timar::Error(TIMAR_ERR_INVALID_ARGUMENT, std::string("options: struct_size ") +
+                                                       std::to_string(given->struct_size) + ", expected " +
+                                                       std::to_string(sizeof(Options)) + " (call " + type +
+                                                       "_init; header and library versions differ?)");
+  return *given;
+}
+
+void check_info_size(const timar_info* info) {
+  if (info->struct_size != sizeof(timar_info))
+    throw timar::Error(TIMAR_ERR_INVALID_ARGUMENT, "out_info: set struct_size to sizeof(timar_info) (" +
+                                                       std::to_string(sizeof(timar_info)) + ")");
+}
+
+timar_model_options model_part(const timar_options& o) {
+  timar_model_options m;
+  timar_model_options_init(&m);
+  m.backend = o.backend;
+  m.threads = o.threads;
+  m.device_id = o.device_id;
+  m.verify_hashes = o.verify_hashes;
+  return m;
+}
+
+timar_session_options session_part(const timar_options& o) {
+  timar_session_options s;
+  timar_session_options_init(&s);
+  s.steps = o.steps;
+  s.seed = o.seed;
+  s.temperature = o.temperature;
+  s.cfg = o.cfg;
+  s.history = o.history;
+  s.context_turns = o.context_turns;
   return s;
 }
 
@@ -118,22 +162,114 @@ void timar_options_init(timar_options* o) {
   o->device_id = 0;
 }
 
+void timar_model_options_init(timar_model_options* o) {
+  if (!o) return;
+  std::memset(o, 0, sizeof *o);
+  o->struct_size = sizeof(timar_model_options);
+  o->backend = TIMAR_BACKEND_AUTO;
+  o->threads = 0;
+  o->device_id = 0;
+  o->verify_hashes = 1;
+  o->spin = 0;
+}
+
+void timar_session_options_init(timar_session_options* o) {
+  if (!o) return;
+  std::memset(o, 0, sizeof *o);
+  o->struct_size = sizeof(timar_session_options);
+  o->steps = 0;
+  o->seed = 0;
+  o->temperature = NAN;
+  o->cfg = NAN;
+  o->history = TIMAR_HISTORY_DEFAULT;
+  o->context_turns = -1;
+}
+
+// ---- model ------------------------------------------------------------------------------------
+timar_status timar_model_create(const char* bundle_dir, const timar_model_options* options, timar_model** out) {
+  return guarded([&] {
+    TIMAR_REQUIRE(out, "out_model");
+    *out = nullptr;
+    TIMAR_REQUIRE(bundle_dir, "bundle_dir");
+    const timar_model_options o = options_or_defaults(options, timar_model_options_init, "timar_model_options");
+    std::unique_ptr<timar_model> handle(new timar_model());
+    handle->impl = std::make_shared<timar::Model>(timar::open_bundle(bundle_dir, o.verify_hashes != 0), o);
+    *out = handle.release();
+  });
+}
+
+void timar_model_destroy(timar_model* m) { delete m; }   // the worker's destructor stops it
+
+timar_status timar_model_info(const timar_model* m, timar_info* info) {
+  return guarded([&] {
+    TIMAR_REQUIRE(m, "model");
+    TIMAR_REQUIRE(info, "out_info");
+    check_info_size(info);
+    m->impl->info(info);
+  });
+}
+
+const char* timar_model_backend_name(const timar_model* m) { return m ? m->impl->backend().name() : ""; }
+
+timar_status timar_model_run_ready(timar_model* m, size_t max_batch, size_t* out_turns, size_t* out_batches) {
+  if (out_turns) *out_turns = 0;
+  if (out_batches) *out_batches = 0;
+  return guarded([&] {
+    TIMAR_REQUIRE(m, "model");
+    const timar::Model::Round round = m->impl->run_round(max_batch);
+    if (out_turns) *out_turns = round.turns;
+    if (out_batches) *out_batches = round.batches;
+  });
+}
+
+timar_status timar_model_start_worker(timar_model* m, size_t max_batch) {
+  return guarded([&] {
+    TIMAR_REQUIRE(m, "model");
+    std::lock_guard<std::mutex> lock(m->worker_mutex);
+    if (m->worker)
+      throw timar::Error(TIMAR_ERR_INVALID_ARGUMENT,
+                         "model: its worker is already running (timar_model_stop_worker first)");
+    m->worker.reset(new timar::Worker(m->impl, max_batch));
+  });
+}
+
+timar_status timar_model_stop_worker(timar_model* m) {
+  return guarded([&] {
+    TIMAR_REQUIRE(m, "model");
+    std::lock_guard<std::mutex> lock(m->worker_mutex);
+    m->worker.reset();
+  });
+}
+
+// ---- session ----------------------------------------------------------------------------------
+timar_status timar_session_create_from_model(timar_model* m, const timar_session_options* options,
+                                             timar_session** out) {
+  return guarded([&] {
+    TIMAR_REQUIRE(out, "out_session");
+    *out = nullptr;
+    TIMAR_REQUIRE(m, "model");
+    const timar_session_options o =
+        options_or_defaults(options, timar_session_options_init, "timar_session_options");
+    std::unique_ptr<timar_session> handle(new timar_session());
+    handle->impl = timar::Session::create(m->impl, o.seed, timar::session_settings(m->impl->bundle(), o));
+    *out = handle.release();
+  });
+}
+
+// The session's settings are checked before the graphs load (a typo costs no load).
 timar_status timar_session_create(const char* bundle_dir, const timar_options* options, timar_session** out) {
   return guarded([&] {
     TIMAR_REQUIRE(out, "out_session");
     *out = nullptr;
     TIMAR_REQUIRE(bundle_dir, "bundle_dir");
-    timar_options o;
-    timar_options_init(&o);
-    if (options) {
-      if (options->struct_size != sizeof(timar_options))
-        throw timar::Error(TIMAR_ERR_INVALID_ARGUMENT,
-                           "options: struct_size " + std::to_string(options->struct_size) + ", expected " +
-                               std::to_string(sizeof(timar_options)) +
-                               " (call timar_options_init; header and library versions differ?)");
-      o = *options;
-    }
-    *out = new timar_session(std::string(bundle_dir), o);
+    const timar_options o = options_or_defaults(options, timar_options_init, "timar_options");
+    timar::Bundle bundle = timar::open_bundle(bundle_dir, o.verify_hashes != 0);
+    const timar_session_options so = session_part(o);
+    timar::TurnSettings settings = timar::session_settings(bundle, so);
+    auto model = std::make_shared<timar::Model>(std::move(bundle), model_part(o));
+    std::unique_ptr<timar_session> handle(new timar_session());
+    handle->impl = timar::Session::create(std::move(model), so.seed, std::move(settings));
+    *out = handle.release();
   });
 }
 
@@ -143,19 +279,17 @@ timar_status timar_session_info(const timar_session* s, timar_info* info) {
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
     TIMAR_REQUIRE(info, "out_info");
-    if (info->struct_size != sizeof(timar_info))
-      throw timar::Error(TIMAR_ERR_INVALID_ARGUMENT, "out_info: set struct_size to sizeof(timar_info) (" +
-                                                         std::to_string(sizeof(timar_info)) + ")");
-    s->impl.info(info);
+    check_info_size(info);
+    s->impl->info(info);
   });
 }
 
-const char* timar_session_backend_name(const timar_session* s) { return s ? s->impl.backend_name() : ""; }
+const char* timar_session_backend_name(const timar_session* s) { return s ? s->impl->backend_name() : ""; }
 
 timar_status timar_session_reset(timar_session* s) {
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
-    s->impl.reset();
+    s->impl->reset();
   });
 }
 
@@ -163,7 +297,7 @@ timar_status timar_step(timar_session* s, const float* ua, size_t ua_n, const fl
                         const float* aa, size_t aa_n, float* out, size_t cap) {
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
-    s->impl.step(ua, ua_n, um, um_n, aa, aa_n, out, cap);
+    s->impl->step(ua, ua_n, um, um_n, aa, aa_n, out, cap);
   });
 }
 
@@ -174,9 +308,9 @@ timar_status timar_feed(timar_session* s, const float* ua, size_t ua_n, const fl
     TIMAR_REQUIRE(out_frames, "out_frames");
     *out_frames = 0;
     try {
-      *out_frames = s->impl.feed(ua, ua_n, um, um_n, aa, aa_n, out, cap);
+      *out_frames = s->impl->feed(ua, ua_n, um, um_n, aa, aa_n, out, cap);
     } catch (const timar::Error& e) {
-      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl.feed_frames(ua_n, um_n, aa_n);
+      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl->feed_frames(ua_n, um_n, aa_n);
       throw;
     }
   });
@@ -186,7 +320,7 @@ timar_status timar_feed_frames(const timar_session* s, size_t ua_n, size_t um_n,
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
     TIMAR_REQUIRE(out_frames, "out_frames");
-    *out_frames = s->impl.feed_frames(ua_n, um_n, aa_n);
+    *out_frames = s->impl->feed_frames(ua_n, um_n, aa_n);
   });
 }
 
@@ -196,9 +330,9 @@ timar_status timar_flush(timar_session* s, float* out, size_t cap, size_t* out_f
     TIMAR_REQUIRE(out_frames, "out_frames");
     *out_frames = 0;
     try {
-      *out_frames = s->impl.flush(out, cap);
+      *out_frames = s->impl->flush(out, cap);
     } catch (const timar::Error& e) {
-      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl.flush_frames();
+      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl->flush_frames();
       throw;
     }
   });
@@ -208,13 +342,15 @@ timar_status timar_get_state(const timar_session* s, void* buffer, size_t capaci
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
     TIMAR_REQUIRE(out_size, "out_size");
-    const size_t need = s->impl.state_size();
-    *out_size = need;
-    if (!buffer) return;
-    if (capacity < need)
+    if (!buffer) {
+      *out_size = s->impl->state_size();
+      return;
+    }
+    const std::vector<uint8_t> blob = s->impl->get_state();   // one snapshot: accept may grow the buffers meanwhile
+    *out_size = blob.size();
+    if (capacity < blob.size())
       throw timar::Error(TIMAR_ERR_BUFFER_TOO_SMALL, "buffer: capacity " + std::to_string(capacity) +
-                                                         " bytes, the state needs " + std::to_string(need));
-    const std::vector<uint8_t> blob = s->impl.get_state();
+                                                         " bytes, the state needs " + std::to_string(blob.size()));
     std::memcpy(buffer, blob.data(), blob.size());
   });
 }
@@ -223,7 +359,31 @@ timar_status timar_set_state(timar_session* s, const void* buffer, size_t size) 
   return guarded([&] {
     TIMAR_REQUIRE(s, "session");
     TIMAR_REQUIRE(buffer, "buffer");
-    s->impl.set_state(static_cast<const uint8_t*>(buffer), size);
+    s->impl->set_state(static_cast<const uint8_t*>(buffer), size);
+  });
+}
+
+timar_status timar_session_accept(timar_session* s, const float* ua, size_t ua_n, const float* um, size_t um_n,
+                                  const float* aa, size_t aa_n, size_t* out_ready_turns) {
+  return guarded([&] {
+    TIMAR_REQUIRE(s, "session");
+    const size_t ready = s->impl->accept(ua, ua_n, um, um_n, aa, aa_n);
+    if (out_ready_turns) *out_ready_turns = ready;
+  });
+}
+
+timar_status timar_session_poll_motion(timar_session* s, float* out, size_t cap, size_t* out_frames,
+                                       uint64_t* out_turn, double* out_start_seconds) {
+  return guarded([&] {
+    TIMAR_REQUIRE(s, "session");
+    TIMAR_REQUIRE(out_frames, "out_frames");
+    *out_frames = 0;
+    try {
+      *out_frames = s->impl->poll_motion(out, cap, out_turn, out_start_seconds);
+    } catch (const timar::Error& e) {
+      if (e.status == TIMAR_ERR_BUFFER_TOO_SMALL) *out_frames = s->impl->frames_per_turn();
+      throw;
+    }
   });
 }
 

@@ -51,59 +51,79 @@ Schedule make_schedule(const std::vector<double>& ac_all, const std::vector<int6
   return s;
 }
 
-void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
-                 double temperature, double cfg, float* x_out, SamplerWorkspace& ws) {
+namespace {
+
+bool guided(const SampleTurn& turn) { return turn.cfg != 1.0; }
+
+// One step k of one turn: x [frames, 56] from the denoiser's rows of that turn (`out`: its
+// conditional rows, then its unconditional ones when guided) and the noise eps.
+void posterior_step(const Schedule& sched, int k, int frames, const SampleTurn& turn, const float* out,
+                    const float* eps) {
   const int D = kMotionDim;
-  const bool guided = cfg != 1.0;
-  const int rows = guided ? 2 * frames : frames;
-  const size_t n = size_t(frames) * D;
-  std::vector<float>&x = ws.x, &x_in = ws.x_in, &t = ws.t, &out = ws.out, &eps = ws.eps;
-  x.resize(n);
-  x_in.resize(size_t(rows) * D);
-  t.resize(size_t(rows));
-  out.resize(size_t(rows) * 2 * D);
-  eps.resize(n);
-  noise.normal(x.data(), n);
-  const float temp = float(temperature), g = float(cfg);
-  for (int k = sched.steps() - 1; k >= 0; --k) {
-    std::fill(t.begin(), t.end(), float(sched.timesteps[size_t(k)]));
-    std::copy(x.begin(), x.end(), x_in.begin());
-    if (guided) std::copy(x.begin(), x.end(), x_in.begin() + std::ptrdiff_t(n));
-    denoise(x_in.data(), t.data(), rows, out.data());
-    noise.normal(eps.data(), n);   // drawn at every step; the last step's is discarded
-    const float lb = float(sched.log_beta[size_t(k)]), lp = float(sched.log_post_var[size_t(k)]);
-    const float c0 = float(sched.coef_x0[size_t(k)]), ct = float(sched.coef_xt[size_t(k)]);
-    for (int f = 0; f < frames; ++f) {
-      const float* cond = out.data() + size_t(f) * 2 * D;
-      const float* unc = guided ? out.data() + size_t(frames + f) * 2 * D : nullptr;
-      for (int d = 0; d < D; ++d) {
-        const size_t i = size_t(f) * D + size_t(d);
-        float x0 = cond[d];
-        if (guided) {
-          const float u = unc[d];
-          const float diff = x0 - u;
-          const float scaled = g * diff;
-          x0 = u + scaled;
-        }
-        const float v = cond[D + d];
-        const float frac = (v + 1.0f) / 2.0f;
-        const float a = frac * lb;
-        const float b = (1.0f - frac) * lp;
-        const float log_var = a + b;
-        const float m0 = c0 * x0;
-        const float m1 = ct * x[i];
-        const float mean = m0 + m1;
-        if (k == 0) {
-          x[i] = mean;
-        } else {
-          const float sd = std::exp(0.5f * log_var);
-          const float e = sd * eps[i];
-          x[i] = mean + e * temp;
-        }
+  const bool cfg_on = guided(turn);
+  const float temp = float(turn.temperature), g = float(turn.cfg);
+  const float lb = float(sched.log_beta[size_t(k)]), lp = float(sched.log_post_var[size_t(k)]);
+  const float c0 = float(sched.coef_x0[size_t(k)]), ct = float(sched.coef_xt[size_t(k)]);
+  float* x = turn.x;
+  for (int f = 0; f < frames; ++f) {
+    const float* cond = out + size_t(f) * 2 * D;
+    const float* unc = cfg_on ? out + size_t(frames + f) * 2 * D : nullptr;
+    for (int d = 0; d < D; ++d) {
+      const size_t i = size_t(f) * D + size_t(d);
+      float x0 = cond[d];
+      if (cfg_on) {
+        const float u = unc[d];
+        const float diff = x0 - u;
+        const float scaled = g * diff;
+        x0 = u + scaled;
+      }
+      const float v = cond[D + d];
+      const float frac = (v + 1.0f) / 2.0f;
+      const float a = frac * lb;
+      const float b = (1.0f - frac) * lp;
+      const float log_var = a + b;
+      const float m0 = c0 * x0;
+      const float m1 = ct * x[i];
+      const float mean = m0 + m1;
+      if (k == 0) {
+        x[i] = mean;
+      } else {
+        const float sd = std::exp(0.5f * log_var);
+        const float e = sd * eps[i];
+        x[i] = mean + e * temp;
       }
     }
   }
-  std::copy(x.begin(), x.end(), x_out);
+}
+
+}  // namespace
+
+void sample_turns(const DenoiseFn& denoise, int frames, const Schedule& sched, const std::vector<SampleTurn>& turns,
+                  SamplerWorkspace& ws) {
+  const int D = kMotionDim;
+  const size_t n = size_t(frames) * D;
+  size_t rows = 0;
+  for (const SampleTurn& turn : turns) rows += guided(turn) ? 2 * size_t(frames) : size_t(frames);
+  ws.x_in.resize(rows * D);
+  ws.t.resize(rows);
+  ws.out.resize(rows * 2 * D);
+  ws.eps.resize(n);
+  for (const SampleTurn& turn : turns) turn.noise->normal(turn.x, n);
+  for (int k = sched.steps() - 1; k >= 0; --k) {
+    std::fill(ws.t.begin(), ws.t.end(), float(sched.timesteps[size_t(k)]));
+    float* in = ws.x_in.data();
+    for (const SampleTurn& turn : turns) {
+      in = std::copy_n(turn.x, n, in);
+      if (guided(turn)) in = std::copy_n(turn.x, n, in);
+    }
+    denoise(ws.x_in.data(), ws.t.data(), int(rows), ws.out.data());
+    const float* out = ws.out.data();
+    for (const SampleTurn& turn : turns) {
+      turn.noise->normal(ws.eps.data(), n);   // drawn at every step; the last step's is discarded
+      posterior_step(sched, k, frames, turn, out, ws.eps.data());
+      out += (guided(turn) ? 2 * n : n) * 2;
+    }
+  }
 }
 
 }  // namespace timar

@@ -25,14 +25,23 @@ Schedule make_schedule(const std::vector<double>& alphas_cumprod, const std::vec
 // denoise(x_t [rows, 56], t [rows], rows, out [rows, 112]); z is bound by the caller.
 using DenoiseFn = std::function<void(const float* x, const float* t, int rows, float* out)>;
 
-// Buffers reused from turn to turn (sized on first use).
+// Buffers reused from call to call (sized on first use).
 struct SamplerWorkspace {
-  std::vector<float> x, x_in, t, out, eps;
+  std::vector<float> x_in, t, out, eps;
 };
 
-// One turn's motion in normalised space, x [frames, 56]. rows_z = frames (cfg == 1) or
-// 2 * frames (conditional rows, then unconditional). Draws the noise of docs/DESIGN.md 4.1.
-void sample_turn(const DenoiseFn& denoise, int frames, const Schedule& sched, PhiloxNormal& noise,
-                 double temperature, double cfg, float* x_out, SamplerWorkspace& ws);
+// One turn to sample: its generator (advanced by the draws), settings, and where its motion goes.
+struct SampleTurn {
+  PhiloxNormal* noise;
+  double temperature, cfg;
+  float* x;   // out: the motion in normalised space [frames, 56]
+};
+
+// Several turns' motion at once, one denoiser call per step for all of them (same schedule).
+// The denoiser's rows are, turn after turn, its `frames` conditional rows and, when its cfg != 1,
+// its `frames` unconditional rows: the rows of the z the caller bound. Each turn draws its own
+// noise of docs/DESIGN.md 4.1 and keeps its own temperature and guidance.
+void sample_turns(const DenoiseFn& denoise, int frames, const Schedule& sched, const std::vector<SampleTurn>& turns,
+                  SamplerWorkspace& ws);
 
 }  // namespace timar

@@ -6,10 +6,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <thread>
-#ifdef __linux__
-#include <sched.h>
-#endif
 
 #include "error.hpp"
 
@@ -25,15 +21,6 @@ std::string num17(double v) {
   char b[64];
   std::snprintf(b, sizeof b, "%.17g", v);
   return b;
-}
-
-// CPUs this process may run on (its affinity mask on Linux), at least 1.
-int cpus_available() {
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-#endif
-  return std::max(1, int(std::thread::hardware_concurrency()));
 }
 
 // n values: the index of the first NaN/Inf (nan_at, SIZE_MAX if none), else the largest |x|
@@ -63,146 +50,95 @@ bool all_within(const float* x, size_t n, float limit) {
 // Whole units of `per` in have + more, without overflow.
 size_t whole(size_t have, size_t more, size_t per) { return have / per + more / per + (have % per + more % per) / per; }
 
-int pick_backend(const Bundle& b, int wanted) {
-  (void)b;
-  if (wanted != TIMAR_BACKEND_AUTO) return wanted;
-  const char* force_cpu = std::getenv("TIMAR_FORCE_CPU");
-  const bool cpu_only = force_cpu && *force_cpu && std::strcmp(force_cpu, "0") != 0;
-#ifdef TIMAR_WITH_TENSORRT
-  if (!cpu_only && !b.window && !b.engines.empty()) return TIMAR_BACKEND_TENSORRT;
-#endif
-  if (!cpu_only && ort_has_cuda()) return TIMAR_BACKEND_ORT_CUDA;
-  return TIMAR_BACKEND_ORT_CPU;
+void check_capacity(const float* out, size_t cap, size_t need) {
+  if (need && !out) throw Error(TIMAR_ERR_NULL_POINTER, "out_motion: NULL pointer");
+  if (cap < need)
+    throw Error(TIMAR_ERR_BUFFER_TOO_SMALL, "out_motion: capacity " + std::to_string(cap) + " frames, need " +
+                                                std::to_string(need) + " frames");
 }
 
 }  // namespace
 
-Session::Session(const std::string& dir, const timar_options& o) {
-  try {
-    bundle_ = load_bundle(dir, o.verify_hashes != 0);
-  } catch (const BundleError& e) {
-    throw Error(TIMAR_ERR_BUNDLE, e.what());
-  }
-  const Bundle& b = bundle_;
-  seed_ = o.seed;
+TurnSettings session_settings(const Bundle& b, const timar_session_options& o) {
+  TurnSettings s;
   const int T = int(b.alphas_cumprod.size());
   if (o.steps > uint32_t(T))
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "steps: expected an integer in 1.." + std::to_string(T) +
                                                 " (0 = the bundle's default), got " + std::to_string(o.steps));
-  steps_ = o.steps == 0 ? b.default_steps : int(o.steps);
-  temperature_ = std::isnan(o.temperature) ? b.default_temperature : o.temperature;
-  if (!(temperature_ >= 0 && temperature_ <= kTemperatureMax))
+  s.steps = o.steps == 0 ? b.default_steps : int(o.steps);
+  s.temperature = std::isnan(o.temperature) ? b.default_temperature : o.temperature;
+  if (!(s.temperature >= 0 && s.temperature <= kTemperatureMax))
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "temperature: expected a number in 0.." + num(kTemperatureMax) +
                                                 " (NaN = the bundle's default), got " + num(o.temperature));
-  cfg_ = std::isnan(o.cfg) ? b.default_cfg : o.cfg;
-  if (!(cfg_ >= 0 && cfg_ <= kCfgMax))
+  s.cfg = std::isnan(o.cfg) ? b.default_cfg : o.cfg;
+  if (!(s.cfg >= 0 && s.cfg <= kCfgMax))
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "cfg: expected a number in 0.." + num(kCfgMax) +
                                                 " (NaN = the bundle's default), got " + num(o.cfg));
   switch (o.history) {
-    case TIMAR_HISTORY_DEFAULT: feedback_ = b.history == "feedback"; break;
-    case TIMAR_HISTORY_MASKED: feedback_ = false; break;
-    case TIMAR_HISTORY_FEEDBACK: feedback_ = true; break;
+    case TIMAR_HISTORY_DEFAULT: s.feedback = b.history == "feedback"; break;
+    case TIMAR_HISTORY_MASKED: s.feedback = false; break;
+    case TIMAR_HISTORY_FEEDBACK: s.feedback = true; break;
     default:
       throw Error(TIMAR_ERR_INVALID_ARGUMENT, "history: expected TIMAR_HISTORY_DEFAULT, _MASKED or _FEEDBACK, got " +
                                                   std::to_string(o.history));
   }
-  window_ = b.window;
-  if (window_ && feedback_)
+  if (b.window && s.feedback)
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "history: window_recompute bundles (the authors' models) support only "
                                             "TIMAR_HISTORY_MASKED (their --mask_history_agent)");
   if (o.context_turns < -1 || o.context_turns > b.context_turns - 1)
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "context_turns: expected -1 (all) or 0.." +
                                                 std::to_string(b.context_turns - 1) + ", got " +
                                                 std::to_string(o.context_turns));
-  visible_ = o.context_turns;
-  const int cpus = cpus_available();
-  if (o.threads < 0 || o.threads > cpus)
-    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "threads: expected 0 (the backend's default) or 1.." + std::to_string(cpus) +
-                                                " (the CPUs available to this process), got " + std::to_string(o.threads));
-  if (o.device_id < 0)
-    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "device_id: expected a GPU index >= 0, got " + std::to_string(o.device_id));
-  if (o.backend < TIMAR_BACKEND_AUTO || o.backend > TIMAR_BACKEND_TENSORRT)
-    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(o.backend));
-  if (window_ && o.backend == TIMAR_BACKEND_TENSORRT)
-    throw Error(TIMAR_ERR_UNSUPPORTED, "backend: TensorRT runs cached bundles only; this window_recompute bundle "
-                                       "(an authors' model) runs with TIMAR_BACKEND_ORT_CPU or TIMAR_BACKEND_ORT_CUDA");
-  rows_ = cfg_ == 1.0 ? 1 : 2;
+  s.visible = o.context_turns;
+  s.rows = s.cfg == 1.0 ? 1 : 2;
+  s.schedule = make_schedule(b.alphas_cumprod, respaced_timesteps(s.steps, T));
+  return s;
+}
+
+std::shared_ptr<Session> Session::create(std::shared_ptr<Model> model, uint64_t seed, TurnSettings settings) {
+  Model& m = *model;
+  std::shared_ptr<Session> session = std::make_shared<Session>(std::move(model), seed, std::move(settings));
+  m.add_session(session);
+  return session;
+}
+
+Session::Session(std::shared_ptr<Model> model, uint64_t seed, TurnSettings settings)
+    : model_(std::move(model)), bundle_(model_->bundle()), seed_(seed), settings_(std::move(settings)),
+      window_(bundle_.window) {
   if (const char* f = std::getenv("TIMAR_TEST_FAIL_AFTER_TURNS")) fail_after_ = std::strtoll(f, nullptr, 10);
-  sched_ = make_schedule(b.alphas_cumprod, respaced_timesteps(steps_, T));
-
-  BackendConfig bc;
-  bc.kind = pick_backend(b, o.backend);
-  bc.threads = o.threads;
-  bc.device_id = o.device_id;
-  bc.rows = rows_;
-  if (bc.kind == TIMAR_BACKEND_TENSORRT) {
-#ifdef TIMAR_WITH_TENSORRT
-    std::string why;
-    try {
-      backend_ = make_trt_backend(b, bc, &why);
-    } catch (const BundleError& e) {
-      throw Error(TIMAR_ERR_BUNDLE, e.what());
-    }
-    if (!backend_) {
-      if (o.backend == TIMAR_BACKEND_TENSORRT) throw Error(TIMAR_ERR_UNSUPPORTED, "backend: TensorRT unavailable: " + why);
-      bc.kind = ort_has_cuda() ? TIMAR_BACKEND_ORT_CUDA : TIMAR_BACKEND_ORT_CPU;
-    }
-#else
-    throw Error(TIMAR_ERR_UNSUPPORTED,
-                "backend: TensorRT is not compiled into this library (configure with -DTIMAR_WITH_TENSORRT=ON)");
-#endif
-  }
-  if (!backend_) backend_ = make_ort_backend(b, bc);
-
-  const size_t F = size_t(b.frames), Da = size_t(b.speech_dim), R = size_t(rows_);
-  wave_.resize(2 * size_t(b.samples));
-  feats_.resize(2 * F * Da);
-  speech_u_.resize(R * F * Da);
-  speech_a_.resize(R * F * Da);
-  user_motion_.resize(R * F * 56);
-  agent_motion_.resize(R * F * 56);
-  agent_mask_.resize(R * F);
-  uncond_.resize(R);
-  absent_.resize(R);
-  z_.resize(R * F * size_t(b.z_dim));
-  x_.resize(F * 56);
-  token_ages_.resize(R * size_t(b.slots) * size_t(b.tokens_per_turn));
-  if (window_) {
-    tokens_.resize(R * turn_token_floats());
-    window_buf_.resize(R * size_t(b.context_turns) * turn_token_floats());
-  }
-  pad_ua_.resize(size_t(b.samples));
-  pad_aa_.resize(size_t(b.samples));
+  if (!window_) cache_ = model_->backend().new_cache(settings_.rows);
+  const size_t F = size_t(bundle_.frames), S = size_t(bundle_.samples);
+  pad_ua_.resize(S);
+  pad_aa_.resize(S);
   pad_um_.resize(F * 56);
   turn_motion_.resize(F * 56);
-  reset();
+  reset_locked();
+}
+
+Session::Locks Session::lock_all() const {
+  std::unique_lock<std::mutex> turn(turn_mutex_);
+  std::unique_lock<std::mutex> io(io_mutex_);
+  return {std::move(turn), std::move(io)};
 }
 
 void Session::info(timar_info* out) const {
-  const Bundle& b = bundle_;
-  out->fps = b.fps;
-  out->sample_rate = b.sample_rate;
-  out->frames_per_turn = b.frames;
-  out->samples_per_turn = b.samples;
-  out->motion_dim = TIMAR_MOTION_DIM;
-  out->context_turns = b.context_turns;
-  out->steps = steps_;
-  out->history = feedback_ ? TIMAR_HISTORY_FEEDBACK : TIMAR_HISTORY_MASKED;
-  out->backend = backend_->kind();
-  out->temperature = temperature_;
-  out->cfg = cfg_;
+  model_->info(out);
+  out->steps = settings_.steps;
+  out->history = settings_.feedback ? TIMAR_HISTORY_FEEDBACK : TIMAR_HISTORY_MASKED;
+  out->temperature = settings_.temperature;
+  out->cfg = settings_.cfg;
   out->seed = seed_;
+  std::lock_guard<std::mutex> lock(turn_mutex_);
   out->turns = turns_;
-  out->exp_begin = b.exp_range[0];
-  out->exp_end = b.exp_range[1];
-  out->jaw_begin = b.jaw_range[0];
-  out->jaw_end = b.jaw_range[1];
-  out->neck_begin = b.neck_range[0];
-  out->neck_end = b.neck_range[1];
 }
 
 void Session::reset() {
-  backend_->clear_cache();
+  Locks locks = lock_all();
+  reset_locked();
+}
+
+void Session::reset_locked() {
+  if (cache_) cache_->clear();
   ages_.assign(size_t(bundle_.slots), bundle_.context_turns);
   win_ = TokenWindow();
   if (window_) win_.tokens.assign(window_capacity() * turn_token_floats(), 0.0f);
@@ -213,6 +149,8 @@ void Session::reset() {
   tracked_ = false;
   last_um_.fill(0.0f);
   turns_ = 0;
+  dropped_turns_ = 0;
+  chunks_.clear();
 }
 
 // ---- input checks (messages as the Python runtime's) ----------------------------------------
@@ -258,163 +196,29 @@ void Session::check_motion(const float* m, size_t frames, const char* name, bool
                                                 std::to_string(s.worst_at % TIMAR_MOTION_DIM) + ")");
 }
 
-static void check_capacity(const float* out, size_t cap, size_t need) {
-  if (need && !out) throw Error(TIMAR_ERR_NULL_POINTER, "out_motion: NULL pointer");
-  if (cap < need)
-    throw Error(TIMAR_ERR_BUFFER_TOO_SMALL, "out_motion: capacity " + std::to_string(cap) + " frames, need " +
-                                                std::to_string(need) + " frames");
-}
-
-// ---- audio statistics (window_recompute) ------------------------------------------------------
-RunningNorm RunningNorm::update(const float* x, size_t n) const {
-  RunningNorm r = *this;
-  r.count += n;
-  double s = 0.0, ss = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    const double v = x[i];
-    s += v;
-    ss += v * v;
-  }
-  r.sum += s;
-  r.sum_sq += ss;
-  return r;
-}
-
-// As numpy computes ((audio - mean) / np.sqrt(var + eps)).astype(float32) for float32 audio:
-// the subtraction in float32 (mean rounded to float32), the division in float64.
-void RunningNorm::apply(const float* x, size_t n, double eps, float* out) const {
-  const double c = double(std::max<uint64_t>(count, 1));
-  const double mean = sum / c;
-  const double var = std::max(sum_sq / c - mean * mean, 0.0);
-  const double den = std::sqrt(var + eps);
-  const float mean32 = float(mean);
-  for (size_t i = 0; i < n; ++i) out[i] = float(double(x[i] - mean32) / den);
-}
-
 // ---- the turn -------------------------------------------------------------------------------
 int Session::next_slot() const {
   if (ages_.empty()) return -1;
   return int(std::max_element(ages_.begin(), ages_.end()) - ages_.begin());   // first of the oldest
 }
 
-Session::Pending Session::run_turn(const float* ua, const float* um, const float* aa, float* motion) {
-  if (fail_after_ >= 0 && runs_++ >= fail_after_) {   // tests of the rollback paths only
+TurnJob Session::make_job(const float* ua, const float* um, const float* aa, float* motion) {
+  TurnJob job;
+  job.settings = &settings_;
+  job.ages = &ages_;
+  job.cache = cache_.get();
+  job.window = &win_;
+  job.user_audio = ua;
+  job.user_motion = um;
+  job.agent_audio = aa;
+  job.motion = motion;
+  job.noise = noise_;
+  if (fail_after_ >= 0 && runs_++ >= fail_after_) {   // tests of the failure paths only
     fail_after_ = -1;
-    throw Error(TIMAR_ERR_BACKEND, "injected backend failure (TIMAR_TEST_FAIL_AFTER_TURNS)");
+    job.status = TIMAR_ERR_BACKEND;
+    job.error = "injected backend failure (TIMAR_TEST_FAIL_AFTER_TURNS)";
   }
-  const Bundle& b = bundle_;
-  const size_t F = size_t(b.frames), S = size_t(b.samples), Da = size_t(b.speech_dim), R = size_t(rows_);
-  const size_t D = 56;
-  Pending p{noise_, win_.user, win_.agent};
-  if (window_) {   // audio normalised with the statistics of everything so far, this turn included
-    p.user = win_.user.update(ua, S);
-    p.agent = win_.agent.update(aa, S);
-    p.user.apply(ua, S, b.audio_norm_eps, wave_.data());
-    p.agent.apply(aa, S, b.audio_norm_eps, wave_.data() + S);
-  } else {
-    std::copy(ua, ua + S, wave_.begin());
-    std::copy(aa, aa + S, wave_.begin() + std::ptrdiff_t(S));
-  }
-  backend_->encode_audio(wave_.data(), feats_.data());
-  for (size_t r = 0; r < R; ++r) {
-    std::copy(feats_.begin(), feats_.begin() + std::ptrdiff_t(F * Da), speech_u_.begin() + std::ptrdiff_t(r * F * Da));
-    std::copy(feats_.begin() + std::ptrdiff_t(F * Da), feats_.end(), speech_a_.begin() + std::ptrdiff_t(r * F * Da));
-    // A user whose face is not tracked reads as the neutral face (all-zero FLAME values); cached
-    // bundles' models also get the "absent" flag, which replaces those tokens.
-    for (size_t i = 0; i < F * D; ++i)
-      user_motion_[r * F * D + i] = ((um ? um[i] : 0.0f) - b.motion_mean[i % D]) / b.motion_std[i % D];
-    uncond_[r] = r == 0 ? 0.0f : 1.0f;
-    absent_[r] = um ? 0.0f : 1.0f;
-  }
-  if (window_)
-    encode_window();
-  else
-    encode_cached();
-  backend_->bind_z(z_.data(), rows_ * b.frames);
-
-  Backend* be = backend_.get();
-  sample_turn([be](const float* x, const float* t, int n, float* out) { be->denoise(x, t, n, out); },
-              b.frames, sched_, p.noise, temperature_, cfg_, x_.data(), sampler_ws_);
-  if (feedback_) {
-    for (size_t r = 0; r < R; ++r) {
-      std::copy(x_.begin(), x_.end(), agent_motion_.begin() + std::ptrdiff_t(r * F * D));
-      uncond_[r] = 0.0f;
-    }
-    std::fill(agent_mask_.begin(), agent_mask_.end(), 0.0f);
-    backend_->encoder_step(step_inputs(), z_.data());
-  }
-  for (size_t i = 0; i < F * D; ++i) motion[i] = x_[i] * b.motion_std[i % D] + b.motion_mean[i % D];
-  check_turn_finite(p, motion);
-  return p;
-}
-
-// Nothing non-finite may enter the session: a turn whose motion, new cache entries or tokens (or
-// audio statistics) hold NaN/Inf is refused before its commit.
-void Session::check_turn_finite(const Pending& p, const float* motion) const {
-  const char* where = nullptr;
-  if (!all_finite(motion, size_t(bundle_.frames) * 56))
-    where = "the motion";
-  else if (window_ && !all_finite(tokens_.data(), turn_token_floats()))
-    where = "the turn's tokens";
-  else if (window_ && !(std::isfinite(p.user.sum_sq) && std::isfinite(p.agent.sum_sq)))
-    where = "the audio statistics";
-  else if (!window_ && !backend_->pending_finite())
-    where = "the turn's cache entries";
-  if (where)
-    throw Error(TIMAR_ERR_NUMERIC, std::string("the model produced NaN or Inf (in ") + where +
-                                       "); the turn is not committed and the session is unchanged");
-}
-
-StepInputs Session::step_inputs() {
-  StepInputs in;
-  in.rows = rows_;
-  in.user_speech = speech_u_.data();
-  in.user_motion = user_motion_.data();
-  in.agent_speech = speech_a_.data();
-  in.agent_motion = agent_motion_.data();
-  in.agent_mask = agent_mask_.data();
-  in.uncond = uncond_.data();
-  in.user_motion_absent = absent_.data();
-  in.past_turn_age = token_ages_.data();
-  return in;
-}
-
-// cached: encoder_step over the committed cache, the ring ages as past_turn_age.
-void Session::encode_cached() {
-  const Bundle& b = bundle_;
-  const size_t R = size_t(rows_), P = size_t(b.tokens_per_turn), SP = size_t(b.slots) * P;
-  std::fill(agent_motion_.begin(), agent_motion_.end(), 0.0f);
-  std::fill(agent_mask_.begin(), agent_mask_.end(), 1.0f);
-  for (size_t s = 0; s < size_t(b.slots); ++s) {
-    int64_t age = ages_[s];
-    if (visible_ >= 0 && age > visible_) age = b.context_turns;
-    for (size_t r = 0; r < R; ++r) std::fill_n(token_ages_.begin() + std::ptrdiff_t(r * SP + s * P), P, age);
-  }
-  backend_->encoder_step(step_inputs(), z_.data());
-}
-
-// window_recompute: this turn's tokens, then the whole window (the visible past turns' tokens,
-// oldest first, the same for every row, and this turn's row) through window_encoder.
-void Session::encode_window() {
-  TokenInputs in;
-  in.rows = rows_;
-  in.user_speech = speech_u_.data();
-  in.user_motion = user_motion_.data();
-  in.agent_speech = speech_a_.data();
-  in.uncond = uncond_.data();
-  backend_->embed_turn(in, tokens_.data());
-  const size_t PD = turn_token_floats(), cap = window_capacity();
-  const int n_past = visible_ < 0 ? win_.count : std::min(visible_, win_.count);
-  const size_t n = size_t(n_past) + 1;   // turns in the window
-  for (size_t r = 0; r < size_t(rows_); ++r) {
-    float* dst = window_buf_.data() + r * n * PD;
-    for (int i = 0; i < n_past; ++i) {   // the last n_past stored turns
-      const size_t turn = (size_t(win_.oldest) + size_t(win_.count - n_past + i)) % cap;
-      std::copy_n(win_.tokens.begin() + std::ptrdiff_t(turn * PD), PD, dst + size_t(i) * PD);
-    }
-    std::copy_n(tokens_.begin() + std::ptrdiff_t(r * PD), PD, dst + size_t(n_past) * PD);
-  }
-  backend_->encode_window(window_buf_.data(), rows_, int(n) * bundle_.tokens_per_turn, z_.data());
+  return job;
 }
 
 // Append one turn's tokens [P, D] to the window ring, dropping the oldest beyond W-1 turns.
@@ -432,36 +236,57 @@ void Session::push_window_turn(const float* tokens) {
   std::copy_n(tokens, PD, win_.tokens.begin() + std::ptrdiff_t(at * PD));
 }
 
-void Session::commit_turn(const Pending& p) {
+void Session::commit_turn(const TurnJob& job, Workspace& ws) {
   if (window_) {
-    push_window_turn(tokens_.data());   // row 0: the conditional row
-    win_.user = p.user;
-    win_.agent = p.agent;
+    push_window_turn(turn_tokens(bundle_, ws, job));   // the conditional row
+    win_.user = job.user_norm;
+    win_.agent = job.agent_norm;
   } else {
     const int slot = next_slot();
     if (slot >= 0) {
-      backend_->commit(slot);
+      ws.kv->commit(job.row, *cache_, slot);
       const int w = bundle_.context_turns;
       for (int& a : ages_) a = a < w ? std::min(a + 1, w) : w;
       ages_[size_t(slot)] = 1;
     }
   }
-  noise_ = p.noise;
+  noise_ = job.noise;
   ++turns_;
 }
 
-// ---- public calls ---------------------------------------------------------------------------
+void Session::run_alone(const float* ua, const float* um, const float* aa, float* motion,
+                        std::vector<std::pair<int, std::vector<float>>>* undo) {
+  TurnJob job = make_job(ua, um, aa, motion);
+  WorkspaceLease ws(*model_);
+  run_turns(bundle_, model_->backend(), {&job}, *ws, [&](size_t) {
+    if (job.status != TIMAR_OK) return;
+    if (undo && !window_ && next_slot() >= 0) {
+      std::vector<float> saved;
+      cache_->read_slot(next_slot(), saved);
+      undo->emplace_back(next_slot(), std::move(saved));
+    }
+    commit_turn(job, *ws);
+  });
+  if (job.status != TIMAR_OK) throw Error(job.status, job.error);
+}
+
+// ---- direct calls ---------------------------------------------------------------------------
 void Session::step(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n,
                    float* out, size_t cap) {
   check_audio(ua, ua_n, "user_audio", true);
   check_audio(aa, aa_n, "agent_audio", true);
   check_motion(um, um_n, "user_motion", true);
   check_capacity(out, cap, size_t(bundle_.frames));
-  Pending p = run_turn(ua, um, aa, out);
-  commit_turn(p);
+  std::lock_guard<std::mutex> lock(turn_mutex_);
+  run_alone(ua, um, aa, out, nullptr);
 }
 
 size_t Session::feed_frames(size_t ua_n, size_t um_n, size_t aa_n) const {
+  std::lock_guard<std::mutex> lock(io_mutex_);
+  return feed_frames_locked(ua_n, um_n, aa_n);
+}
+
+size_t Session::feed_frames_locked(size_t ua_n, size_t um_n, size_t aa_n) const {
   const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames);
   const bool tracked = tracked_ || um_n > 0;
   size_t k = std::min(whole(buf_ua_.size(), ua_n, S), whole(buf_aa_.size(), aa_n, S));
@@ -471,39 +296,60 @@ size_t Session::feed_frames(size_t ua_n, size_t um_n, size_t aa_n) const {
   return k * F;
 }
 
+size_t Session::ready_turns_locked() const { return feed_frames_locked(0, 0, 0) / size_t(bundle_.frames); }
+
+Session::InputMark Session::mark_input() const { return {buf_ua_.size(), buf_aa_.size(), buf_um_.size(), tracked_, last_um_}; }
+
+void Session::cut_input(const InputMark& mark) {
+  buf_ua_.resize(mark.ua);
+  buf_aa_.resize(mark.aa);
+  buf_um_.resize(mark.um);
+  tracked_ = mark.tracked;
+  last_um_ = mark.last;
+}
+
+void Session::append_input(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa,
+                           size_t aa_n) {
+  const InputMark mark = mark_input();
+  try {
+    buf_ua_.insert(buf_ua_.end(), ua, ua + ua_n);
+    buf_aa_.insert(buf_aa_.end(), aa, aa + aa_n);
+    if (um_n) {
+      buf_um_.insert(buf_um_.end(), um, um + um_n * 56);
+      std::copy_n(um + (um_n - 1) * 56, 56, last_um_.begin());
+      tracked_ = true;
+    }
+  } catch (...) {
+    cut_input(mark);
+    throw;
+  }
+}
+
+void Session::drop_front(size_t samples, size_t motion_frames) {
+  buf_ua_.erase(buf_ua_.begin(), buf_ua_.begin() + std::ptrdiff_t(samples));
+  buf_aa_.erase(buf_aa_.begin(), buf_aa_.begin() + std::ptrdiff_t(samples));
+  buf_um_.erase(buf_um_.begin(), buf_um_.begin() + std::ptrdiff_t(motion_frames * 56));
+}
+
 size_t Session::feed(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n,
                      float* out, size_t cap) {
   check_audio(ua, ua_n, "user_audio", false);
   check_audio(aa, aa_n, "agent_audio", false);
   check_motion(um, um_n, "user_motion", false);
-  const size_t need = feed_frames(ua_n, um_n, aa_n);
+  Locks locks = lock_all();
+  const size_t need = feed_frames_locked(ua_n, um_n, aa_n);
   check_capacity(out, cap, need);
-  const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames), D = 56;
+  const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames);
   const size_t turns = need / F;
-  // Append in place; on failure the buffers are cut back to their old sizes.
-  const size_t n_ua0 = buf_ua_.size(), n_aa0 = buf_aa_.size(), n_um0 = buf_um_.size();
-  const bool tracked0 = tracked_;
-  const std::array<float, 56> last0 = last_um_;
+  const InputMark mark = mark_input();
+  append_input(ua, ua_n, um, um_n, aa, aa_n);
   try {
-    if (ua_n) buf_ua_.insert(buf_ua_.end(), ua, ua + ua_n);
-    if (aa_n) buf_aa_.insert(buf_aa_.end(), aa, aa + aa_n);
-    if (um_n) {
-      buf_um_.insert(buf_um_.end(), um, um + um_n * D);
-      std::copy_n(um + (um_n - 1) * D, D, last_um_.begin());
-      tracked_ = true;
-    }
     run_buffered(turns, false, out, need);
-  } catch (...) {
-    buf_ua_.resize(n_ua0);
-    buf_aa_.resize(n_aa0);
-    buf_um_.resize(n_um0);
-    tracked_ = tracked0;
-    last_um_ = last0;
+  } catch (...) {   // nothing of this call stays buffered
+    cut_input(mark);
     throw;
   }
-  buf_ua_.erase(buf_ua_.begin(), buf_ua_.begin() + std::ptrdiff_t(turns * S));
-  buf_aa_.erase(buf_aa_.begin(), buf_aa_.begin() + std::ptrdiff_t(turns * S));
-  if (tracked_) buf_um_.erase(buf_um_.begin(), buf_um_.begin() + std::ptrdiff_t(turns * F * D));
+  drop_front(turns * S, tracked_ ? turns * F : 0);
   return need;
 }
 
@@ -538,16 +384,12 @@ void Session::run_buffered(size_t turns, bool pad, float* out, size_t out_frames
       const float* um = nullptr;
       if (tracked_) um = pad ? turn_of(buf_um_, t, F * D, pad_um_, last_um_.data(), D) : buf_um_.data() + t * F * D;
       const bool whole_out = (t + 1) * F <= out_frames;
-      Pending p = run_turn(ua, um, aa, whole_out ? out + t * F * D : turn_motion_.data());
-      if (!window_ && t + 1 < turns && next_slot() >= 0) {   // a later turn may still fail: keep what we overwrite
-        undo.emplace_back(next_slot(), std::vector<float>());
-        backend_->read_slot(undo.back().first, undo.back().second);
-      }
-      commit_turn(p);
+      // a later turn may still fail: keep what this one overwrites
+      run_alone(ua, um, aa, whole_out ? out + t * F * D : turn_motion_.data(), t + 1 < turns ? &undo : nullptr);
       if (!whole_out) std::copy_n(turn_motion_.begin(), (out_frames - t * F) * D, out + t * F * D);
     }
   } catch (...) {
-    for (auto it = undo.rbegin(); it != undo.rend(); ++it) backend_->write_slot(it->first, it->second);
+    for (auto it = undo.rbegin(); it != undo.rend(); ++it) cache_->write_slot(it->first, it->second);
     ages_ = ages0;
     if (window_ && turns >= 2) win_.swap(win0);
     noise_ = noise0;
@@ -558,14 +400,20 @@ void Session::run_buffered(size_t turns, bool pad, float* out, size_t out_frames
 
 // Frames flush returns: every whole turn both audio streams hold, then the frames a partial one covers.
 size_t Session::flush_frames() const {
+  std::lock_guard<std::mutex> lock(io_mutex_);
+  return flush_frames_locked();
+}
+
+size_t Session::flush_frames_locked() const {
   const size_t S = size_t(bundle_.samples), F = size_t(bundle_.frames);
   const size_t real = std::min(buf_ua_.size(), buf_aa_.size());
   return real / S * F + real % S * F / S;
 }
 
 size_t Session::flush(float* out, size_t cap) {
+  Locks locks = lock_all();
   const size_t F = size_t(bundle_.frames);
-  const size_t n_frames = flush_frames();
+  const size_t n_frames = flush_frames_locked();
   if (n_frames) {
     check_capacity(out, cap, n_frames);
     run_buffered((n_frames + F - 1) / F, true, out, n_frames);
@@ -576,10 +424,84 @@ size_t Session::flush(float* out, size_t cap) {
   return n_frames;
 }
 
+// ---- buffered streaming -----------------------------------------------------------------------
+size_t Session::accept(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n) {
+  check_audio(ua, ua_n, "user_audio", false);
+  check_audio(aa, aa_n, "agent_audio", false);
+  check_motion(um, um_n, "user_motion", false);
+  size_t before, after;
+  {
+    std::lock_guard<std::mutex> lock(io_mutex_);
+    before = ready_turns_locked();
+    append_input(ua, ua_n, um, um_n, aa, aa_n);
+    after = ready_turns_locked();
+  }
+  if (after > before) model_->notify_ready();
+  return after;
+}
+
+size_t Session::poll_motion(float* out, size_t cap, uint64_t* turn, double* start_seconds) {
+  std::lock_guard<std::mutex> lock(io_mutex_);
+  if (chunks_.empty()) return 0;
+  MotionChunk& chunk = chunks_.front();
+  if (turn) *turn = chunk.turn;
+  if (start_seconds) *start_seconds = chunk.start_seconds;
+  if (chunk.status != TIMAR_OK) {
+    const Error failed(chunk.status, "turn " + std::to_string(chunk.turn) + ": " + chunk.error +
+                                         " (its input was dropped; the conversation goes on from before it)");
+    chunks_.pop_front();
+    throw failed;
+  }
+  const size_t frames = chunk.frames.size() / 56;
+  check_capacity(out, cap, frames);
+  std::copy(chunk.frames.begin(), chunk.frames.end(), out);
+  chunks_.pop_front();
+  return frames;
+}
+
+bool Session::take_ready_turn(TakenTurn& out) {
+  std::unique_lock<std::mutex> hold(turn_mutex_, std::try_to_lock);
+  if (!hold) return false;   // busy in a call on another thread: a later round takes it
+  const size_t S = size_t(bundle_.samples), M = size_t(bundle_.frames) * 56;
+  {
+    std::lock_guard<std::mutex> lock(io_mutex_);
+    if (!ready_turns_locked()) return false;
+    out.user_audio.assign(buf_ua_.begin(), buf_ua_.begin() + std::ptrdiff_t(S));
+    out.agent_audio.assign(buf_aa_.begin(), buf_aa_.begin() + std::ptrdiff_t(S));
+    if (tracked_)
+      out.user_motion.assign(buf_um_.begin(), buf_um_.begin() + std::ptrdiff_t(M));
+    else
+      out.user_motion.clear();
+  }
+  out.motion.resize(M);
+  out.job = make_job(out.user_audio.data(), out.user_motion.empty() ? nullptr : out.user_motion.data(),
+                     out.agent_audio.data(), out.motion.data());
+  out.hold = std::move(hold);
+  return true;
+}
+
+// A failed turn's input is dropped too (it would fail again); the conversation stays as it was.
+void Session::finish_taken_turn(TakenTurn& turn, Workspace& ws) {
+  MotionChunk chunk;
+  chunk.turn = turns_;
+  chunk.start_seconds = media_seconds(turns_ + dropped_turns_);
+  chunk.status = turn.job.status;
+  chunk.error = std::move(turn.job.error);
+  if (chunk.status == TIMAR_OK) {
+    commit_turn(turn.job, ws);
+    chunk.frames = std::move(turn.motion);
+  } else {
+    ++dropped_turns_;
+  }
+  std::lock_guard<std::mutex> lock(io_mutex_);
+  drop_front(size_t(bundle_.samples), turn.user_motion.empty() ? 0 : size_t(bundle_.frames));
+  chunks_.push_back(std::move(chunk));
+}
+
 // ---- state blob -----------------------------------------------------------------------------
 // Two layouts (native endianness), told apart by their magic, so a snapshot never loads into a
 // session of the other attention kind: cached "TIMARST2", window_recompute "TIMARSW2".
-//   header: char[8] magic, u32 abi, char[64] bundle id (sha256 of manifest.json), then the
+//   header: char[8] magic, u32 format (1), char[64] bundle id (sha256 of manifest.json), then the
 //     settings: u64 seed, u32 steps, u32 history (1 = feedback), f64 temperature, f64 cfg,
 //     i32 context_turns (-1 = all);
 //   cached: u32 slots, i32 ages[slots];
@@ -595,6 +517,8 @@ const char kMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'T', '2'};
 const char kWindowMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'W', '2'};
 constexpr size_t kHeaderBytes = 8 + 4 + 64 + 8 + 4 + 4 + 8 + 8 + 4;
 constexpr size_t kStreamBytes = 8 * 3 + 4 + 4 * 56 + 8 * 4;
+// The layout's version (1: the layout above; ABI 1 wrote its ABI version, also 1, here).
+constexpr uint32_t kStateFormat = 1;
 
 [[noreturn]] void bad_state(const std::string& what) { throw Error(TIMAR_ERR_STATE, "state: " + what); }
 }  // namespace
@@ -689,16 +613,16 @@ std::string context_name(int32_t c) { return c < 0 ? "all" : std::to_string(c); 
 
 void Session::put_header(StateWriter& w) const {
   w.raw(window_ ? kWindowMagic : kMagic, 8);
-  w.put<uint32_t>(TIMAR_ABI_VERSION);
+  w.put<uint32_t>(kStateFormat);
   char id[64] = {0};
   std::memcpy(id, bundle_.id.data(), std::min<size_t>(64, bundle_.id.size()));
   w.raw(id, 64);
   w.put<uint64_t>(seed_);
-  w.put<uint32_t>(uint32_t(steps_));
-  w.put<uint32_t>(feedback_ ? 1 : 0);
-  w.put<double>(temperature_);
-  w.put<double>(cfg_);
-  w.put<int32_t>(visible_);
+  w.put<uint32_t>(uint32_t(settings_.steps));
+  w.put<uint32_t>(settings_.feedback ? 1 : 0);
+  w.put<double>(settings_.temperature);
+  w.put<double>(settings_.cfg);
+  w.put<int32_t>(settings_.visible);
 }
 
 // Magic, ABI, bundle and settings; a blob of other settings is refused naming the setting.
@@ -713,7 +637,7 @@ void Session::check_header(StateReader& r) const {
   if (window != window_)
     bad_state(window ? "a snapshot of a window_recompute session (an authors' model); this session runs a cached bundle"
                      : "a snapshot of a cached session; this session runs a window_recompute bundle (an authors' model)");
-  if (r.get<uint32_t>() != TIMAR_ABI_VERSION) bad_state("from another ABI version");
+  if (r.get<uint32_t>() != kStateFormat) bad_state("of another format version");
   char id[64];
   r.raw(id, 64);
   if (bundle_.id.size() != 64 || std::memcmp(id, bundle_.id.data(), 64) != 0)
@@ -725,18 +649,20 @@ void Session::check_header(StateReader& r) const {
   const uint64_t seed = r.get<uint64_t>();
   if (seed != seed_) differs("seed", std::to_string(seed), std::to_string(seed_));
   const uint32_t steps = r.get<uint32_t>();
-  if (steps != uint32_t(steps_)) differs("steps", std::to_string(steps), std::to_string(steps_));
+  if (steps != uint32_t(settings_.steps)) differs("steps", std::to_string(steps), std::to_string(settings_.steps));
   const uint32_t feedback = r.get<uint32_t>();
-  if (feedback != (feedback_ ? 1u : 0u)) differs("history", history_name(feedback), history_name(feedback_));
+  if (feedback != (settings_.feedback ? 1u : 0u))
+    differs("history", history_name(feedback), history_name(settings_.feedback));
   const auto real = [&](const std::string& name, double blob, double mine) {   // all digits when %g hides the difference
     if (blob == mine) return;
     const bool close = num(blob) == num(mine);
     differs(name, close ? num17(blob) : num(blob), close ? num17(mine) : num(mine));
   };
-  real("temperature", r.get<double>(), temperature_);
-  real("cfg", r.get<double>(), cfg_);
+  real("temperature", r.get<double>(), settings_.temperature);
+  real("cfg", r.get<double>(), settings_.cfg);
   const int32_t context = r.get<int32_t>();
-  if (context != visible_) differs("context_turns", context_name(context), context_name(visible_));
+  if (context != settings_.visible)
+    differs("context_turns", context_name(context), context_name(settings_.visible));
 }
 
 void Session::put_stream(StateWriter& w, uint64_t tail_floats) const {
@@ -758,35 +684,41 @@ void Session::put_buffers(StateWriter& w) const {
 }
 
 size_t Session::state_size() const {
+  Locks locks = lock_all();
+  return state_size_locked();
+}
+
+size_t Session::state_size_locked() const {
   const size_t stream = kStreamBytes + 4 * (buf_ua_.size() + buf_aa_.size() + buf_um_.size());
   if (window_) return kHeaderBytes + 4 * 4 + 2 * (8 * 3) + stream + 4 * size_t(win_.count) * turn_token_floats();
-  return kHeaderBytes + 4 + 4 * ages_.size() + stream + 4 * backend_->cache_floats();
+  return kHeaderBytes + 4 + 4 * ages_.size() + stream + 4 * cache_->floats();
 }
 
 std::vector<uint8_t> Session::get_state() const {
+  Locks locks = lock_all();
   std::vector<uint8_t> v = window_ ? get_window_state() : get_cached_state();
-  if (v.size() != state_size()) throw Error(TIMAR_ERR_INTERNAL, "state: blob size differs from state_size()");
+  if (v.size() != state_size_locked()) throw Error(TIMAR_ERR_INTERNAL, "state: blob size differs from state_size()");
   return v;
 }
 
 std::vector<uint8_t> Session::get_cached_state() const {
   std::vector<uint8_t> v;
-  v.reserve(state_size());
+  v.reserve(state_size_locked());
   StateWriter w{v};
   put_header(w);
   w.put<uint32_t>(uint32_t(ages_.size()));
   for (int a : ages_) w.put<int32_t>(a);
-  put_stream(w, backend_->cache_floats());
+  put_stream(w, cache_->floats());
   put_buffers(w);
   const size_t at = v.size();
-  v.resize(at + 4 * backend_->cache_floats());
-  backend_->cache_to_host(reinterpret_cast<float*>(v.data() + at));
+  v.resize(at + 4 * cache_->floats());
+  cache_->to_host(reinterpret_cast<float*>(v.data() + at));
   return v;
 }
 
 std::vector<uint8_t> Session::get_window_state() const {
   std::vector<uint8_t> v;
-  v.reserve(state_size());
+  v.reserve(state_size_locked());
   StateWriter w{v};
   put_header(w);
   w.put<uint32_t>(uint32_t(window_capacity()));
@@ -805,18 +737,22 @@ std::vector<uint8_t> Session::get_window_state() const {
   return v;
 }
 
+// Motion not yet polled belongs to the conversation it replaces: dropped.
 void Session::set_state(const uint8_t* data, size_t size) {
+  Locks locks = lock_all();
   StateReader r{data, size};
   check_header(r);
   if (window_)
     set_window_state(r);
   else
     set_cached_state(r);
+  dropped_turns_ = 0;
+  chunks_.clear();
 }
 
 // Each turn draws the start noise and one draw per step, [F, 56] each, in whole Philox blocks of 4.
 void Session::check_counter(uint64_t lo, uint64_t hi, uint64_t turns) const {
-  const uint64_t per_turn = uint64_t(steps_ + 1) * ((uint64_t(bundle_.frames) * 56 + 3) / 4);
+  const uint64_t per_turn = uint64_t(settings_.steps + 1) * ((uint64_t(bundle_.frames) * 56 + 3) / 4);
   uint64_t want_lo, want_hi;
   mul_128(turns, per_turn, want_lo, want_hi);
   if (lo != want_lo || hi != want_hi)
@@ -828,7 +764,7 @@ void Session::set_cached_state(StateReader& r) {
   if (slots != ages_.size()) bad_state("slot count differs from this bundle's");
   std::vector<int> ages(slots);
   for (int& a : ages) a = r.get<int32_t>();
-  StreamState st = read_stream(r, backend_->cache_floats());
+  StreamState st = read_stream(r, cache_->floats());
   check_counter(st.lo, st.hi, st.turns);
   // A valid ring: after n turns the m = min(n, slots) filled slots hold the ages 1..m once
   // each, and the empty ones the empty age W.
@@ -845,7 +781,7 @@ void Session::set_cached_state(StateReader& r) {
   if (!ok || filled != m)
     bad_state("the ring ages are not a valid ring state after " + std::to_string(st.turns) + " turns (corrupt blob)");
   // Everything checked: apply (only the cache upload can fail, and it goes first).
-  backend_->cache_from_host(st.tail.data());
+  cache_->from_host(st.tail.data());
   ages_.swap(ages);
   noise_ = PhiloxNormal(seed_, st.lo, st.hi);
   turns_ = st.turns;

@@ -1,46 +1,49 @@
-// The streaming session: the per-turn loop of docs/DESIGN.md section 4, as timar_sdk/runtime/session.py.
+// A session: one conversation streamed through a shared Model, as timar_sdk/runtime/session.py.
+// It holds only per-conversation state: the KV cache or token window, the ring ages, the
+// generator, the input buffers and the queue of motion not yet polled.
+//
+// Locking: turn_mutex_ guards the conversation and is held by a direct call (step, feed, flush,
+// reset, state) or by a batch that runs this session's turn; io_mutex_ guards the buffers and
+// the motion queue and is held briefly by accept, poll and the batch's take and finish, and by a
+// direct call for its whole length. Always turn_mutex_ before io_mutex_.
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "backend.hpp"
-#include "bundle.hpp"
+#include "model.hpp"
 #include "philox.hpp"
-#include "sampler.hpp"
 #include "timar.h"
+#include "turns.hpp"
 
 namespace timar {
 
-// Zero-mean, unit-variance audio normalisation over everything a speaker said so far
-// (window_recompute bundles), as timar_sdk.audio.RunningNorm: count, sum and sum of squares of
-// every sample in double precision. `update` returns new statistics, so a failed turn keeps the
-// old ones.
-struct RunningNorm {
-  uint64_t count = 0;
-  double sum = 0.0, sum_sq = 0.0;
-  RunningNorm update(const float* x, size_t n) const;
-  // out[i] = (x[i] - mean) / sqrt(var + eps), float32, with these statistics.
-  void apply(const float* x, size_t n, double eps, float* out) const;
+// The checked settings of timar_session_options for this bundle (errors name the field).
+TurnSettings session_settings(const Bundle& b, const timar_session_options& o);
+
+// One whole turn a Model's round took from a session's buffers.
+struct TakenTurn {
+  std::shared_ptr<Session> session;
+  std::unique_lock<std::mutex> hold;   // the session's turn_mutex_, until the turn is finished
+  // Copies of the turn's input (accept may grow the buffers meanwhile); user_motion empty when
+  // the user is not tracked.
+  std::vector<float> user_audio, agent_audio, user_motion, motion;
+  TurnJob job;
 };
 
-// The past of a window_recompute session: the tokens [P, D] of up to W-1 past turns (their
-// conditional row) in a ring, oldest at `oldest`, and the two speakers' audio statistics.
-struct TokenWindow {
-  std::vector<float> tokens;   // [W-1, P, D]
-  int oldest = 0, count = 0;
-  RunningNorm user, agent;
-  void swap(TokenWindow& o) noexcept {
-    tokens.swap(o.tokens);
-    std::swap(oldest, o.oldest);
-    std::swap(count, o.count);
-    std::swap(user, o.user);
-    std::swap(agent, o.agent);
-  }
+// One turn's result in a session's motion queue: its frames, or why it failed.
+struct MotionChunk {
+  uint64_t turn = 0;
+  double start_seconds = 0.0;
+  timar_status status = TIMAR_OK;
+  std::string error;
+  std::vector<float> frames;   // [F, 56] when status is TIMAR_OK
 };
 
 struct StateWriter;
@@ -48,14 +51,17 @@ struct StateReader;
 
 class Session {
  public:
-  Session(const std::string& bundle_dir, const timar_options& options);
+  // Registered with the model, so that its rounds see the session.
+  static std::shared_ptr<Session> create(std::shared_ptr<Model> model, uint64_t seed, TurnSettings settings);
+  Session(std::shared_ptr<Model> model, uint64_t seed, TurnSettings settings);
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
 
-  const Bundle& bundle() const { return bundle_; }
-  int frames() const { return bundle_.frames; }
-  int samples() const { return bundle_.samples; }
   void info(timar_info* out) const;
-  const char* backend_name() const { return backend_->name(); }
+  size_t frames_per_turn() const { return size_t(bundle_.frames); }
+  const char* backend_name() const { return model_->backend().name(); }
 
+  // Direct calls: inference on the caller's thread.
   void reset();
   void step(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n,
             float* out, size_t cap_frames);
@@ -68,25 +74,55 @@ class Session {
   size_t state_size() const;
   void set_state(const uint8_t* data, size_t size);
 
+  // Buffered streaming: never runs or waits for inference (unless a direct call holds the session).
+  // Returns the whole turns buffered and ready to run.
+  size_t accept(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n);
+  // The oldest queued turn's frames into out (0 when none is queued); a failed turn throws its
+  // Error (after setting *turn and *start_seconds) and is dropped from the queue.
+  size_t poll_motion(float* out, size_t cap_frames, uint64_t* turn, double* start_seconds);
+
+  // Model::run_round: take the first ready turn (false when there is none, or the session is busy),
+  // then, after its batch, commit it (or record its failure) and queue its motion.
+  bool take_ready_turn(TakenTurn& out);
+  void finish_taken_turn(TakenTurn& turn, Workspace& ws);
+
  private:
-  struct Pending {
-    PhiloxNormal noise;
-    RunningNorm user, agent;   // window_recompute: the statistics with this turn's audio
+  struct Locks {
+    std::unique_lock<std::mutex> turn, io;
   };
-  // One turn without changing the session; `commit_turn` then makes it visible.
-  Pending run_turn(const float* ua, const float* um /* nullable */, const float* aa, float* motion);
-  void commit_turn(const Pending& p);
+  Locks lock_all() const;
+  // The *_locked helpers expect the locks of lock_all held.
+  void reset_locked();
+  size_t ready_turns_locked() const;
+  size_t feed_frames_locked(size_t ua_n, size_t um_n, size_t aa_n) const;
+  size_t flush_frames_locked() const;
+  size_t state_size_locked() const;
+  // The buffers' sizes and user motion facts, to cut them back to after a failure.
+  struct InputMark {
+    size_t ua, aa, um;
+    bool tracked;
+    std::array<float, 56> last;
+  };
+  InputMark mark_input() const;
+  void cut_input(const InputMark& mark);
+  // Appends checked pieces to the buffers: all of them or (on an exception) none.
+  void append_input(const float* ua, size_t ua_n, const float* um, size_t um_n, const float* aa, size_t aa_n);
+  void drop_front(size_t samples, size_t motion_frames);
+
+  // A job for one turn of this session, the injected test failure included.
+  TurnJob make_job(const float* ua, const float* um /* nullable */, const float* aa, float* motion);
+  void commit_turn(const TurnJob& job, Workspace& ws);
+  // One turn alone, committed; on failure an Error and nothing changed. With `undo`, the cache
+  // slot it overwrites is saved there first.
+  void run_alone(const float* ua, const float* um, const float* aa, float* motion,
+                 std::vector<std::pair<int, std::vector<float>>>* undo);
   // Runs `turns` turns from the start of the stream buffers and commits all of them or none.
   void run_buffered(size_t turns, bool pad, float* out, size_t out_frames);
-  void check_turn_finite(const Pending& p, const float* motion) const;
-  // z_ of the turn whose inputs are in the scratch buffers: through the cache, or the window.
-  StepInputs step_inputs();
-  void encode_cached();
-  void encode_window();
   void push_window_turn(const float* tokens);
   int next_slot() const;
   size_t window_capacity() const { return size_t(bundle_.context_turns - 1); }
   size_t turn_token_floats() const { return size_t(bundle_.tokens_per_turn) * size_t(bundle_.token_dim); }
+  double media_seconds(uint64_t turn) const { return double(turn) * bundle_.samples / bundle_.sample_rate; }
   // State blobs: the stream part shared by both kinds, then the cache or the token window.
   void put_header(StateWriter& w) const;
   void check_header(StateReader& r) const;
@@ -100,31 +136,29 @@ class Session {
   void check_audio(const float* a, size_t n, const char* name, bool exact) const;
   void check_motion(const float* m, size_t frames, const char* name, bool exact) const;
 
-  Bundle bundle_;
-  uint64_t seed_;
-  int steps_;
-  double temperature_, cfg_;
-  bool feedback_;
-  bool window_;   // attention "window_recompute" (else "cached")
-  int visible_;   // -1: all
-  int rows_;
-  int64_t fail_after_ = -1;   // test hook: TIMAR_TEST_FAIL_AFTER_TURNS (one injected backend failure)
+  const std::shared_ptr<Model> model_;
+  const Bundle& bundle_;
+  const uint64_t seed_;
+  const TurnSettings settings_;
+  const bool window_;          // attention "window_recompute" (else "cached")
+  int64_t fail_after_ = -1;    // test hook: TIMAR_TEST_FAIL_AFTER_TURNS (one injected backend failure)
   int64_t runs_ = 0;
-  Schedule sched_;
-  std::unique_ptr<Backend> backend_;
-  // state
-  std::vector<int> ages_;    // cached: the cache ring
-  TokenWindow win_;          // window_recompute: past tokens and audio statistics
+
+  mutable std::mutex turn_mutex_, io_mutex_;
+  // The conversation (turn_mutex_).
+  std::unique_ptr<KvCache> cache_;   // cached bundles
+  std::vector<int> ages_;            // cached: the cache ring
+  TokenWindow win_;                  // window_recompute: past tokens and audio statistics
   PhiloxNormal noise_;
   uint64_t turns_ = 0;
+  uint64_t dropped_turns_ = 0;       // turns whose input a failed batched turn dropped (media time)
+  // Input and output (io_mutex_).
   std::vector<float> buf_ua_, buf_aa_, buf_um_;
   bool tracked_ = false;                 // user motion was fed since the last reset
   std::array<float, 56> last_um_{};      // the last user motion frame fed (when tracked_)
-  // per-turn scratch (no allocation per turn once sized)
-  std::vector<float> wave_, feats_, speech_u_, speech_a_, user_motion_, agent_motion_, agent_mask_, uncond_,
-      absent_, z_, x_, tokens_, window_buf_, pad_ua_, pad_aa_, pad_um_, turn_motion_;
-  std::vector<int64_t> token_ages_;
-  SamplerWorkspace sampler_ws_;
+  std::deque<MotionChunk> chunks_;
+  // Direct calls' scratch (flush padding, a turn beyond the caller's capacity).
+  std::vector<float> pad_ua_, pad_aa_, pad_um_, turn_motion_;
 };
 
 }  // namespace timar

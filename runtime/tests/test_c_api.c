@@ -6,16 +6,19 @@
  * a message that names the argument, and the session left exactly as it was: NULLs, lengths,
  * NaN, values beyond TIMAR_AUDIO_LIMIT / TIMAR_MOTION_LIMIT, sizes that overflow, options out
  * of range), state blobs (settings, corruption, all or nothing), reset, feed == step, flush of
- * several buffered turns. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
+ * several buffered turns; one model shared by many sessions: turns batched across sessions equal
+ * each session alone, one session's failure stays its own, accept runs no inference, the model's
+ * worker, and destroying the model before its sessions. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
  * of the other attention kind, a state blob of one kind must be refused by the other, and only
  * the window bundle refuses feedback history and TensorRT. Ends with "N passed, N failed".
  * Run under AddressSanitizer in CI. */
-#define _POSIX_C_SOURCE 200112L /* setenv */
+#define _POSIX_C_SOURCE 200112L /* setenv, nanosleep */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "timar.h"
 
@@ -652,6 +655,401 @@ done:
   free(half);
 }
 
+/* ---- one model, many sessions ------------------------------------------------------------- */
+enum { TS = 16000, TF = 25, TM = 25 * TIMAR_MOTION_DIM, HEAD_TURNS = 4 };
+
+/* One conversation's inputs: HEAD_TURNS turns of both audio streams and of user motion. */
+typedef struct {
+  float *ua, *aa, *um;
+} conversation;
+
+static conversation new_conversation(void) {
+  conversation c;
+  size_t i;
+  c.ua = malloc(sizeof(float) * TS * HEAD_TURNS);
+  c.aa = malloc(sizeof(float) * TS * HEAD_TURNS);
+  c.um = malloc(sizeof(float) * TM * HEAD_TURNS);
+  for (i = 0; i < (size_t)TS * HEAD_TURNS; ++i) c.ua[i] = frand(0.3f), c.aa[i] = frand(0.3f);
+  for (i = 0; i < (size_t)TM * HEAD_TURNS; ++i) c.um[i] = frand(0.5f);
+  return c;
+}
+
+static void free_conversation(conversation* c) {
+  free(c->ua);
+  free(c->aa);
+  free(c->um);
+}
+
+/* Sessions a test ran side by side (batched and alone), their conversations, then the model. */
+static void close_heads(timar_model* m, timar_session** batched, timar_session** alone, conversation* conv, int n) {
+  int h;
+  for (h = 0; h < n; ++h) {
+    timar_session_destroy(batched[h]);
+    timar_session_destroy(alone[h]);
+    free_conversation(&conv[h]);
+  }
+  timar_model_destroy(m);
+}
+
+static timar_model* open_model(const char* bundle) {
+  timar_model_options o;
+  timar_model* m = NULL;
+  timar_model_options_init(&o);
+  o.threads = 1;
+  o.backend = TIMAR_BACKEND_ORT_CPU;
+  CHECK(timar_model_create(bundle, &o, &m) == TIMAR_OK && m, "model_create: %s", timar_last_error());
+  return m;
+}
+
+/* A session's settings in the batching tests; every head differs in seed and sampling. */
+typedef struct {
+  uint64_t seed;
+  double cfg, temperature;
+  uint32_t steps;
+  int32_t history;
+  int tracked;    /* feeds user motion */
+  int before;     /* turns run alone (timar_step) before the batched ones */
+} head_spec;
+
+static timar_session* open_head(timar_model* m, const head_spec* h) {
+  timar_session_options o;
+  timar_session* s = NULL;
+  timar_session_options_init(&o);
+  o.seed = h->seed;
+  o.cfg = h->cfg;
+  o.temperature = h->temperature;
+  o.steps = h->steps;
+  o.history = h->history;
+  CHECK(timar_session_create_from_model(m, &o, &s) == TIMAR_OK && s, "session from model: %s", timar_last_error());
+  return s;
+}
+
+/* Turn t of a conversation alone (timar_step) into out. */
+static void step_alone(timar_session* s, const conversation* c, int tracked, int t, float* out) {
+  const float* um = tracked ? c->um + (size_t)TM * t : NULL;
+  CHECK(timar_step(s, c->ua + (size_t)TS * t, TS, um, um ? TF : 0, c->aa + (size_t)TS * t, TS, out, TF) == TIMAR_OK,
+        "step alone, turn %d: %s", t, timar_last_error());
+}
+
+/* Turn t accepted in two uneven pieces; returns the ready turns after it. */
+static size_t accept_turn(timar_session* s, const conversation* c, int tracked, int t) {
+  const size_t cut = 7001, mcut = 11;
+  size_t ready = 0;
+  const float *ua = c->ua + (size_t)TS * t, *aa = c->aa + (size_t)TS * t, *um = c->um + (size_t)TM * t;
+  CHECK(timar_session_accept(s, ua, cut, tracked ? um : NULL, tracked ? mcut : 0, aa, cut, &ready) == TIMAR_OK,
+        "accept: %s", timar_last_error());
+  CHECK(timar_session_accept(s, ua + cut, TS - cut, tracked ? um + mcut * TIMAR_MOTION_DIM : NULL,
+                             tracked ? TF - mcut : 0, aa + cut, TS - cut, &ready) == TIMAR_OK,
+        "accept: %s", timar_last_error());
+  return ready;
+}
+
+/* The next queued turn of s must be turn `turn` with frames `want` (within 1e-5). */
+static void expect_polled(timar_session* s, uint64_t turn, const float* want, const char* what) {
+  float got[TM];
+  size_t frames = 0;
+  uint64_t index = 99;
+  double start = -1.0;
+  timar_status st = timar_session_poll_motion(s, got, TF, &frames, &index, &start);
+  CHECK(st == TIMAR_OK && frames == TF, "%s: poll: %s (%zu frames)", what, st ? timar_last_error() : "", frames);
+  if (st != TIMAR_OK || frames != TF) return;
+  CHECK(index == turn && start == (double)turn, "%s: turn %llu at %g s, expected turn %llu", what,
+        (unsigned long long)index, start, (unsigned long long)turn);
+  CHECK(max_abs_diff(got, want, TM) <= 1e-5f, "%s: batched turn %llu differs from the session alone by %g", what,
+        (unsigned long long)turn, max_abs_diff(got, want, TM));
+}
+
+static uint64_t turns_of(timar_session* s) {
+  timar_info info;
+  info.struct_size = sizeof info;
+  CHECK(timar_session_info(s, &info) == TIMAR_OK, "info: %s", timar_last_error());
+  return info.turns;
+}
+
+static size_t polled_frames(timar_session* s) {
+  float out[TM];
+  size_t frames = 99;
+  CHECK(timar_session_poll_motion(s, out, TF, &frames, NULL, NULL) == TIMAR_OK, "poll: %s", timar_last_error());
+  return frames;
+}
+
+/* Heads with different seeds, sampling settings, turn counts, with and without user motion, run
+ * their turns batched (timar_model_run_ready) and alone (timar_step on twin sessions of the same
+ * model): the same motion. Heads whose settings cannot share a batch run in separate batches. */
+static void test_batched_equals_alone(const char* bundle, int window) {
+  const head_spec heads[] = {
+      {11, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 2},   /* ahead by two turns */
+      {12, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 0, 0},   /* guided, user not tracked */
+      {13, 2.0, 0.6, 0, TIMAR_HISTORY_DEFAULT, 1, 1},   /* guided, another temperature */
+      {14, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0},   /* fresh, as head 12 */
+      {15, 1.0, NAN, 3, TIMAR_HISTORY_DEFAULT, 0, 1},   /* 3 steps: a batch of its own */
+      {16, 1.5, NAN, 0, TIMAR_HISTORY_FEEDBACK, 1, 0},  /* feedback history (cached bundles only) */
+  };
+  const int n = window ? 5 : 6;
+  /* cached: one batch for the five masked 5-step heads... minus the 3-step one; window bundles
+     batch only heads with the same number of past turns (12 and 14, both fresh). */
+  const size_t batches[2] = {window ? 4u : 3u, window ? 4u : 3u};
+  timar_model* m = open_model(bundle);
+  timar_session *batched[6] = {0}, *alone[6] = {0};
+  conversation conv[6];
+  float* want = malloc(sizeof(float) * TM);
+  int h, round;
+  if (!m) return;
+  for (h = 0; h < n; ++h) {
+    int t;
+    conv[h] = new_conversation();
+    batched[h] = open_head(m, &heads[h]);
+    alone[h] = open_head(m, &heads[h]);
+    for (t = 0; t < heads[h].before; ++t) {
+      step_alone(batched[h], &conv[h], heads[h].tracked, t, want);
+      step_alone(alone[h], &conv[h], heads[h].tracked, t, want);
+    }
+  }
+  for (round = 0; round < 2; ++round) {
+    size_t turns = 0, batch_count = 0;
+    for (h = 0; h < n; ++h) {
+      CHECK(accept_turn(batched[h], &conv[h], heads[h].tracked, heads[h].before + round) == 1, "one turn ready");
+      CHECK(polled_frames(batched[h]) == 0 && turns_of(batched[h]) == (uint64_t)(heads[h].before + round),
+            "accept runs nothing (head %d)", h);
+    }
+    CHECK(timar_model_run_ready(m, 0, &turns, &batch_count) == TIMAR_OK, "run_ready: %s", timar_last_error());
+    CHECK(turns == (size_t)n && batch_count == batches[round], "round %d: %zu turns in %zu batches, expected %d in %zu",
+          round, turns, batch_count, n, batches[round]);
+    for (h = 0; h < n; ++h) {
+      const int t = heads[h].before + round;
+      step_alone(alone[h], &conv[h], heads[h].tracked, t, want);
+      expect_polled(batched[h], (uint64_t)t, want, "batched == alone");
+      CHECK(polled_frames(batched[h]) == 0, "one chunk per turn");
+    }
+    CHECK(timar_model_run_ready(m, 0, &turns, NULL) == TIMAR_OK && turns == 0, "nothing left to run");
+  }
+  close_heads(m, batched, alone, conv, n);
+  free(want);
+}
+
+/* A bad piece of input fails only its own session's accept (nothing of it buffered); a turn that
+ * fails in a batch (an injected backend failure) is reported by its own session's poll, drops its
+ * input and changes nothing else; the other sessions of the batch are committed. And accept runs
+ * no inference: with every inference made to fail, it still succeeds. */
+static void test_one_session_fails_alone(const char* bundle) {
+  timar_model* m = open_model(bundle);
+  const head_spec spec = {21, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0};
+  timar_session *good, *bad, *failing, *ref;
+  conversation c = new_conversation(), d = new_conversation();
+  float* want = malloc(sizeof(float) * TM * 2);
+  float got[TM], saved;
+  size_t ready = 0, frames = 0, turns = 0;
+  uint64_t turn = 99;
+  double start = -1.0;
+  if (!m) return;
+  good = open_head(m, &spec);
+  bad = open_head(m, &spec);
+  ref = open_head(m, &spec);
+  setenv("TIMAR_TEST_FAIL_AFTER_TURNS", "0", 1); /* its first turn fails, wherever it runs */
+  failing = open_head(m, &spec);
+  unsetenv("TIMAR_TEST_FAIL_AFTER_TURNS");
+  step_alone(ref, &c, 1, 0, want);
+  step_alone(ref, &c, 1, 1, want + TM);
+
+  CHECK(accept_turn(failing, &d, 1, 0) == 1 && accept_turn(failing, &d, 1, 1) == 2, "accept on the failing head");
+  CHECK(turns_of(failing) == 0 && polled_frames(failing) == 0, "accept ran no inference (it would have failed)");
+  CHECK(accept_turn(good, &c, 1, 0) == 1, "good head: turn 0");
+  CHECK(accept_turn(bad, &c, 1, 0) == 1, "bad head: turn 0");
+  saved = c.aa[TS + 5];
+  c.aa[TS + 5] = NAN;
+  expect_error(timar_session_accept(bad, c.ua + TS, TS, c.um + TM, TF, c.aa + TS, TS, &ready), TIMAR_ERR_NOT_FINITE,
+               "agent_audio", "accept NaN");
+  CHECK(timar_session_accept(bad, NULL, 0, NULL, 0, NULL, 0, &ready) == TIMAR_OK && ready == 1,
+        "the refused piece buffered nothing (%zu ready)", ready);
+  c.aa[TS + 5] = saved;
+  expect_error(timar_session_accept(NULL, NULL, 0, NULL, 0, NULL, 0, &ready), TIMAR_ERR_NULL_POINTER, "session",
+               "accept NULL session");
+  expect_error(timar_session_accept(bad, NULL, 3, NULL, 0, NULL, 0, &ready), TIMAR_ERR_NULL_POINTER, "user_audio",
+               "accept NULL audio");
+
+  CHECK(timar_model_run_ready(m, 2, &turns, NULL) == TIMAR_OK && turns == 3, "run_ready (batches of 2): %zu turns",
+        turns);
+  expect_polled(good, 0, want, "the good head, beside a failing one");
+  expect_polled(bad, 0, want, "the head whose input was refused");
+  expect_error(timar_session_poll_motion(failing, got, TF, &frames, &turn, &start), TIMAR_ERR_BACKEND, "injected",
+               "the failed turn, polled");
+  CHECK(strstr(timar_last_error(), "turn 0") != NULL && frames == 0 && turn == 0 && start == 0.0,
+        "failed turn reported with its index: %s (turn %llu)", timar_last_error(), (unsigned long long)turn);
+  CHECK(turns_of(failing) == 0, "the failed turn changed nothing");
+  CHECK(timar_model_run_ready(m, 0, &turns, NULL) == TIMAR_OK && turns == 1, "the failing head's next turn");
+  {
+    /* a fresh session's turn 0 on conversation d's turn 1: what the failing head must give now */
+    timar_session* fresh = open_head(m, &spec);
+    float* first = malloc(sizeof(float) * TM);
+    CHECK(timar_step(fresh, d.ua + TS, TS, d.um + TM, TF, d.aa + TS, TS, first, TF) == TIMAR_OK, "fresh step");
+    frames = 0;
+    CHECK(timar_session_poll_motion(failing, got, TF, &frames, &turn, &start) == TIMAR_OK && frames == TF && turn == 0 &&
+              start == 1.0,
+          "after a dropped turn: turn %llu at %g s", (unsigned long long)turn, start);
+    CHECK(max_abs_diff(got, first, TM) <= 1e-5f, "the turn after the failure continues from before it (%g)",
+          max_abs_diff(got, first, TM));
+    timar_session_destroy(fresh);
+    free(first);
+  }
+  CHECK(timar_session_accept(good, c.ua + TS, TS, c.um + TM, TF, c.aa + TS, TS, &ready) == TIMAR_OK && ready == 1,
+        "good head: turn 1");
+  CHECK(timar_model_run_ready(m, 0, &turns, NULL) == TIMAR_OK && turns == 1, "good head's turn 1");
+  expect_error(timar_session_poll_motion(good, got, TF - 1, &frames, NULL, NULL), TIMAR_ERR_BUFFER_TOO_SMALL,
+               "out_motion", "poll into a small buffer");
+  CHECK(frames == TF, "a small buffer: poll says the frames it needs (%zu)", frames);
+  expect_polled(good, 1, want + TM, "polled after a refused poll");
+  timar_session_destroy(good);
+  timar_session_destroy(bad);
+  timar_session_destroy(failing);
+  timar_session_destroy(ref);
+  timar_model_destroy(m);
+  free_conversation(&c);
+  free_conversation(&d);
+  free(want);
+}
+
+static void sleep_ms(long ms) {
+  struct timespec t;
+  t.tv_sec = ms / 1000;
+  t.tv_nsec = (ms % 1000) * 1000000L;
+  nanosleep(&t, NULL);
+}
+
+/* The model's worker runs two heads' turns as they are accepted; polling gives each head the
+ * motion it gets alone. */
+static void test_worker(const char* bundle) {
+  const head_spec specs[2] = {{31, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0}, {32, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 0, 0}};
+  timar_model* m = open_model(bundle);
+  timar_session *heads[2], *alone[2];
+  conversation c[2];
+  float* want = malloc(sizeof(float) * TM);
+  float got[TM];
+  int h, t, waited;
+  if (!m) return;
+  for (h = 0; h < 2; ++h) {
+    c[h] = new_conversation();
+    heads[h] = open_head(m, &specs[h]);
+    alone[h] = open_head(m, &specs[h]);
+  }
+  CHECK(timar_model_start_worker(m, 0) == TIMAR_OK, "start worker: %s", timar_last_error());
+  expect_error(timar_model_start_worker(m, 0), TIMAR_ERR_INVALID_ARGUMENT, "already running", "second worker");
+  for (t = 0; t < 2; ++t)
+    for (h = 0; h < 2; ++h) accept_turn(heads[h], &c[h], specs[h].tracked, t);
+  for (t = 0; t < 2; ++t)
+    for (h = 0; h < 2; ++h) {
+      size_t frames = 0;
+      uint64_t turn = 99;
+      timar_status st = TIMAR_OK;
+      for (waited = 0; waited < 30000 && st == TIMAR_OK && !frames; waited += 5) {   /* up to 30 s on a loaded machine */
+        st = timar_session_poll_motion(heads[h], got, TF, &frames, &turn, NULL);
+        if (!frames) sleep_ms(5);
+      }
+      CHECK(st == TIMAR_OK, "worker poll: %s", timar_last_error());
+      step_alone(alone[h], &c[h], specs[h].tracked, t, want);
+      CHECK(frames == TF && turn == (uint64_t)t, "the worker ran turn %d of head %d (%zu frames, turn %llu)", t, h,
+            frames, (unsigned long long)turn);
+      CHECK(max_abs_diff(got, want, TM) <= 1e-5f, "worker turn %d of head %d differs from alone by %g", t, h,
+            max_abs_diff(got, want, TM));
+    }
+  CHECK(timar_model_stop_worker(m) == TIMAR_OK && timar_model_stop_worker(m) == TIMAR_OK, "stop worker (twice)");
+  close_heads(m, heads, alone, c, 2);
+  free(want);
+}
+
+/* Destroy order: the model handle before its sessions (with its worker running a turn, and a
+ * session destroyed while its turn may be in a batch); the sessions go on working alone. Run
+ * under AddressSanitizer in CI. */
+static void test_model_destroyed_first(const char* bundle) {
+  const head_spec spec = {41, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0};
+  timar_model* m = open_model(bundle);
+  timar_session *a, *b, *ref;
+  conversation c = new_conversation();
+  float *want = malloc(sizeof(float) * TM), *got = malloc(sizeof(float) * TM);
+  size_t frames = 0, ready = 0;
+  if (!m) return;
+  a = open_head(m, &spec);
+  b = open_head(m, &spec);
+  ref = open_head(m, &spec);
+  CHECK(timar_model_start_worker(m, 0) == TIMAR_OK, "start worker");
+  accept_turn(a, &c, 1, 0);
+  accept_turn(b, &c, 1, 0);
+  timar_session_destroy(b);   /* perhaps in the worker's batch now */
+  timar_model_destroy(m);     /* stops the worker; a and ref keep the graphs */
+  CHECK(timar_session_accept(a, NULL, 0, NULL, 0, NULL, 0, &ready) == TIMAR_OK, "accept after the model handle");
+  if (ready) {   /* the worker had not taken a's turn: run it alone, as a direct call */
+    CHECK(timar_flush(a, got, TF, &frames) == TIMAR_OK && frames == TF, "flush after the model: %s",
+          timar_last_error());
+  } else {
+    CHECK(timar_session_poll_motion(a, got, TF, &frames, NULL, NULL) == TIMAR_OK && frames == TF, "poll after the model");
+  }
+  step_alone(ref, &c, 1, 0, want);
+  CHECK(max_abs_diff(got, want, TM) <= 1e-5f, "a session outliving its model handle: turn 0 as alone");
+  step_alone(a, &c, 1, 1, got);
+  step_alone(ref, &c, 1, 1, want);
+  CHECK(max_abs_diff(got, want, TM) <= 1e-5f, "and turn 1, stepped");
+  timar_session_destroy(a);
+  timar_session_destroy(ref);   /* the last session: frees the graphs */
+  free_conversation(&c);
+  free(want);
+  free(got);
+}
+
+static void test_model_api_errors(const char* bundle) {
+  timar_model* m = (timar_model*)0x1;
+  timar_session* s = (timar_session*)0x1;
+  timar_model_options mo;
+  timar_session_options so;
+  timar_info info;
+  size_t turns = 7;
+  expect_error(timar_model_create(NULL, NULL, &m), TIMAR_ERR_NULL_POINTER, "bundle_dir", "model NULL dir");
+  CHECK(m == NULL, "a failed model_create sets *out_model to NULL");
+  expect_error(timar_model_create(bundle, NULL, NULL), TIMAR_ERR_NULL_POINTER, "out_model", "model NULL out");
+  expect_error(timar_model_create("/nonexistent/bundle", NULL, &m), TIMAR_ERR_BUNDLE, "manifest.json", "model no bundle");
+  timar_model_options_init(&mo);
+  CHECK(mo.struct_size == sizeof mo && mo.verify_hashes == 1 && mo.spin == 0 && mo.backend == TIMAR_BACKEND_AUTO,
+        "model_options_init defaults");
+  mo.struct_size = 4;
+  expect_error(timar_model_create(bundle, &mo, &m), TIMAR_ERR_INVALID_ARGUMENT, "timar_model_options_init",
+               "model struct_size");
+  timar_model_options_init(&mo);
+  mo.threads = 10000;
+  expect_error(timar_model_create(bundle, &mo, &m), TIMAR_ERR_INVALID_ARGUMENT, "threads", "model threads");
+  timar_model_options_init(&mo);
+  mo.backend = 9;
+  expect_error(timar_model_create(bundle, &mo, &m), TIMAR_ERR_INVALID_ARGUMENT, "backend", "model backend");
+  timar_model_options_init(&mo);
+  mo.backend = TIMAR_BACKEND_ORT_CPU;
+  mo.threads = 1;
+  mo.spin = 1;
+  CHECK(timar_model_create(bundle, &mo, &m) == TIMAR_OK, "a spinning model: %s", timar_last_error());
+  if (!m) return;
+  CHECK(strcmp(timar_model_backend_name(m), "onnxruntime-cpu") == 0, "model backend name");
+  info.struct_size = sizeof info;
+  CHECK(timar_model_info(m, &info) == TIMAR_OK && info.frames_per_turn == TF && info.turns == 0, "model info");
+  info.struct_size = 3;
+  expect_error(timar_model_info(m, &info), TIMAR_ERR_INVALID_ARGUMENT, "struct_size", "model info struct_size");
+  expect_error(timar_session_create_from_model(NULL, NULL, &s), TIMAR_ERR_NULL_POINTER, "model", "session NULL model");
+  CHECK(s == NULL, "a failed session create sets *out_session to NULL");
+  timar_session_options_init(&so);
+  CHECK(so.struct_size == sizeof so && isnan(so.cfg) && so.context_turns == -1, "session_options_init defaults");
+  so.steps = 5000;
+  expect_error(timar_session_create_from_model(m, &so, &s), TIMAR_ERR_INVALID_ARGUMENT, "steps", "session steps");
+  timar_session_options_init(&so);
+  so.struct_size = 12;
+  expect_error(timar_session_create_from_model(m, &so, &s), TIMAR_ERR_INVALID_ARGUMENT, "timar_session_options_init",
+               "session struct_size");
+  expect_error(timar_model_run_ready(NULL, 0, &turns, NULL), TIMAR_ERR_NULL_POINTER, "model", "run_ready NULL");
+  CHECK(turns == 0, "run_ready failure sets *out_turns to 0");
+  expect_error(timar_model_start_worker(NULL, 0), TIMAR_ERR_NULL_POINTER, "model", "start_worker NULL");
+  CHECK(timar_model_stop_worker(m) == TIMAR_OK, "stop without a worker");
+  CHECK(timar_session_create_from_model(m, NULL, &s) == TIMAR_OK && s, "session with default options");
+  expect_error(timar_session_poll_motion(s, NULL, 0, NULL, NULL, NULL), TIMAR_ERR_NULL_POINTER, "out_frames",
+               "poll NULL out_frames");
+  timar_session_destroy(s);
+  timar_model_destroy(m);
+  timar_model_destroy(NULL); /* allowed */
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) {
     fprintf(stderr, "usage: %s BUNDLE_DIR [BAD_HASH_BUNDLE_DIR [OTHER_KIND_BUNDLE_DIR]]\n", argv[0]);
@@ -666,6 +1064,11 @@ int main(int argc, char** argv) {
   test_state_checks(argv[1], is_window_bundle(argv[1]));
   test_flush_buffered_turns(argv[1]);
   if (argc > 3) test_state_kinds(argv[1], argv[3]);
+  test_model_api_errors(argv[1]);
+  test_batched_equals_alone(argv[1], is_window_bundle(argv[1]));
+  test_one_session_fails_alone(argv[1]);
+  test_worker(argv[1]);
+  test_model_destroyed_first(argv[1]);
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
 }

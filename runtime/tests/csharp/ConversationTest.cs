@@ -7,25 +7,10 @@
 using System;
 using System.IO;
 using Timar;
+using static TestSupport;
 
 static class ConversationTest
 {
-    static int passed, failed;
-
-    static void Check(bool ok, string what)
-    {
-        if (ok) passed++;
-        else { failed++; Console.WriteLine("FAIL " + what); }
-    }
-
-    static float[] ReadF32(string path)
-    {
-        byte[] bytes = File.ReadAllBytes(path);
-        var a = new float[bytes.Length / 4];
-        Buffer.BlockCopy(bytes, 0, a, 0, a.Length * 4);
-        return a;
-    }
-
     static void Expect(Action call, TimarStatus status, string needle, string what)
     {
         try
@@ -116,15 +101,9 @@ static class ConversationTest
                   "feed with lagging motion completes no turn");
             Check(session.Flush().Length == 2 * F * D, "flush returns both buffered turns");
 
-            using (var f = File.Create(args[7]))
-            {
-                var bytes = new byte[written * D * 4];
-                Buffer.BlockCopy(output, 0, bytes, 0, bytes.Length);
-                f.Write(bytes, 0, bytes.Length);
-            }
+            WriteF32(args[7], output, written * D);
         }
-        Console.WriteLine(passed + " passed, " + failed + " failed");
-        return failed == 0 ? 0 : 1;
+        return Summary();
     }
 
     static float[] Slice(float[] a, int start, int n)

@@ -1,5 +1,8 @@
-// P/Invoke declarations of the C ABI in runtime/include/timar.h (TIMAR_ABI_VERSION 1).
+// P/Invoke declarations of the C ABI in runtime/include/timar.h (TIMAR_ABI_VERSION 2).
 // C# 7, no UnityEngine dependency: compiles with Unity and with Mono's mcs (-unsafe).
+// Models and sessions are passed as SafeHandles: a call in progress keeps its handle open, so a
+// Dispose on another thread (e.g. OnDestroy while the audio thread calls Accept) releases the
+// native object only once that call has returned, and later calls throw ObjectDisposedException.
 using System;
 using System.Runtime.InteropServices;
 
@@ -57,6 +60,81 @@ namespace Timar
         }
     }
 
+    /// <summary>timar_model_options: what loads the graphs, shared by the model's sessions. Create
+    /// with <see cref="TimarModelOptions.Default"/>. Spin: ONNX Runtime's threads spin between
+    /// operators (faster on an idle machine, much slower beside other busy processes); 0 = sleep.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct TimarModelOptions
+    {
+        public uint StructSize;
+        public int Backend;
+        public int Threads;
+        public int DeviceId;
+        public int VerifyHashes;
+        public int Spin;
+
+        public static TimarModelOptions Default
+        {
+            get
+            {
+                var o = new TimarModelOptions();
+                TimarNative.timar_model_options_init(ref o);
+                return o;
+            }
+        }
+    }
+
+    /// <summary>timar_session_options: one conversation's settings on a shared model. Create with
+    /// <see cref="TimarSessionOptions.Default"/> (NaN / 0 = the bundle's defaults).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct TimarSessionOptions
+    {
+        public uint StructSize;
+        public uint Steps;
+        public ulong Seed;
+        public double Temperature;
+        public double Cfg;
+        public int History;
+        public int ContextTurns;
+
+        public static TimarSessionOptions Default
+        {
+            get
+            {
+                var o = new TimarSessionOptions();
+                TimarNative.timar_session_options_init(ref o);
+                return o;
+            }
+        }
+    }
+
+    /// <summary>A native object owned from C#: released by Dispose or, as a last resort, the finalizer.</summary>
+    public abstract class TimarHandle : SafeHandle
+    {
+        protected TimarHandle() : base(IntPtr.Zero, true) { }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+    }
+
+    /// <summary>Owns a timar_model*. The model's graphs live on while sessions of it do.</summary>
+    public sealed class TimarModelHandle : TimarHandle
+    {
+        protected override bool ReleaseHandle()
+        {
+            TimarNative.timar_model_destroy(handle);
+            return true;
+        }
+    }
+
+    /// <summary>Owns a timar_session*.</summary>
+    public sealed class TimarSessionHandle : TimarHandle
+    {
+        protected override bool ReleaseHandle()
+        {
+            TimarNative.timar_session_destroy(handle);
+            return true;
+        }
+    }
+
     /// <summary>timar_info: what a session runs.</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct TimarInfo
@@ -88,7 +166,7 @@ namespace Timar
 #else
         public const string Library = "timar";   // libtimar.so / timar.dll / libtimar.dylib
 #endif
-        public const int AbiVersion = 1;
+        public const int AbiVersion = 2;
         public const int MotionDim = 56;
         /// <summary>TIMAR_AUDIO_LIMIT: the largest |sample| accepted (full scale is 1).</summary>
         public const float AudioLimit = 4.0f;
@@ -101,38 +179,64 @@ namespace Timar
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_status_string(TimarStatus status);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_last_error();
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern void timar_options_init(ref TimarOptions options);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern void timar_model_options_init(ref TimarModelOptions options);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern void timar_session_options_init(ref TimarSessionOptions options);
 
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
+        public static extern TimarStatus timar_model_create(byte[] bundleDirUtf8, ref TimarModelOptions options,
+                                                            out TimarModelHandle model);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern void timar_model_destroy(IntPtr model);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_model_info(TimarModelHandle model, ref TimarInfo info);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_model_backend_name(TimarModelHandle model);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
+        public static extern TimarStatus timar_model_run_ready(TimarModelHandle model, UIntPtr maxBatch, out UIntPtr turns,
+                                                               out UIntPtr batches);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_model_start_worker(TimarModelHandle model, UIntPtr maxBatch);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_model_stop_worker(TimarModelHandle model);
+
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
+        public static extern TimarStatus timar_session_create_from_model(TimarModelHandle model, ref TimarSessionOptions options,
+                                                                         out TimarSessionHandle session);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
         public static extern TimarStatus timar_session_create(byte[] bundleDirUtf8, ref TimarOptions options,
-                                                              out IntPtr session);
+                                                              out TimarSessionHandle session);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern void timar_session_destroy(IntPtr session);
-        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_session_info(IntPtr session, ref TimarInfo info);
-        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_session_backend_name(IntPtr session);
-        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_session_reset(IntPtr session);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_session_info(TimarSessionHandle session, ref TimarInfo info);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_session_backend_name(TimarSessionHandle session);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern TimarStatus timar_session_reset(TimarSessionHandle session);
 
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_step(IntPtr session, float* userAudio, UIntPtr userAudioSamples,
+        public static extern TimarStatus timar_step(TimarSessionHandle session, float* userAudio, UIntPtr userAudioSamples,
                                                     float* userMotion, UIntPtr userMotionFrames,
                                                     float* agentAudio, UIntPtr agentAudioSamples,
                                                     float* outMotion, UIntPtr outCapacityFrames);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_feed(IntPtr session, float* userAudio, UIntPtr userAudioSamples,
+        public static extern TimarStatus timar_feed(TimarSessionHandle session, float* userAudio, UIntPtr userAudioSamples,
                                                     float* userMotion, UIntPtr userMotionFrames,
                                                     float* agentAudio, UIntPtr agentAudioSamples,
                                                     float* outMotion, UIntPtr outCapacityFrames,
                                                     out UIntPtr outFrames);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_feed_frames(IntPtr session, UIntPtr userAudioSamples,
+        public static extern TimarStatus timar_feed_frames(TimarSessionHandle session, UIntPtr userAudioSamples,
                                                            UIntPtr userMotionFrames, UIntPtr agentAudioSamples,
                                                            out UIntPtr outFrames);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_flush(IntPtr session, float* outMotion, UIntPtr outCapacityFrames,
+        public static extern TimarStatus timar_flush(TimarSessionHandle session, float* outMotion, UIntPtr outCapacityFrames,
                                                      out UIntPtr outFrames);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_get_state(IntPtr session, byte* buffer, UIntPtr capacity,
+        public static extern TimarStatus timar_get_state(TimarSessionHandle session, byte* buffer, UIntPtr capacity,
                                                          out UIntPtr outSize);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
-        public static extern TimarStatus timar_set_state(IntPtr session, byte* buffer, UIntPtr size);
+        public static extern TimarStatus timar_set_state(TimarSessionHandle session, byte* buffer, UIntPtr size);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
+        public static extern TimarStatus timar_session_accept(TimarSessionHandle session, float* userAudio, UIntPtr userAudioSamples,
+                                                              float* userMotion, UIntPtr userMotionFrames,
+                                                              float* agentAudio, UIntPtr agentAudioSamples,
+                                                              out UIntPtr readyTurns);
+        [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
+        public static extern TimarStatus timar_session_poll_motion(TimarSessionHandle session, float* outMotion,
+                                                                   UIntPtr outCapacityFrames, out UIntPtr outFrames,
+                                                                   out ulong turn, out double startSeconds);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]
         public static extern TimarStatus timar_pcm16_to_float(short* pcm, UIntPtr samples, float* outSamples);
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)]

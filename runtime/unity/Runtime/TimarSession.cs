@@ -1,6 +1,8 @@
 // A managed TIMAR session: owns the native handle, checks arguments, turns error codes into
-// TimarException (with the library's message). Not thread-safe: use one session from one thread
-// at a time (the sample runs it on a worker thread); distinct sessions are independent.
+// TimarException (with the library's message). Threads: Accept and PollMotion may be called from
+// any thread (the audio thread, the main thread) while the session's turns run in its model's
+// batches; the other calls lock the session natively, and Step/Feed/Flush run inference on the
+// calling thread, so keep those off the main and audio threads.
 using System;
 using System.Runtime.InteropServices;
 using System.Text;
@@ -12,24 +14,29 @@ namespace Timar
         public TimarStatus Status { get; }
 
         public TimarException(TimarStatus status, string message) : base(message) { Status = status; }
-    }
 
-    /// <summary>Owns a timar_session*; released by Dispose or, as a last resort, the finalizer.</summary>
-    sealed class TimarSessionHandle : SafeHandle
-    {
-        public TimarSessionHandle() : base(IntPtr.Zero, true) { }
-        public TimarSessionHandle(IntPtr handle) : base(IntPtr.Zero, true) { SetHandle(handle); }
-        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
-
-        protected override bool ReleaseHandle()
+        /// <summary>Throws the library's error for a failed status (the message names the argument).</summary>
+        public static void Check(TimarStatus status)
         {
-            TimarNative.timar_session_destroy(handle);
-            return true;
+            if (status == TimarStatus.Ok) return;
+            string message = TimarNative.Utf8(TimarNative.timar_last_error());
+            throw new TimarException(status, status + ": " + message);
+        }
+
+        /// <summary>Refuses a native library of another ABI than these bindings'.</summary>
+        public static void CheckAbi()
+        {
+            int abi = TimarNative.timar_abi_version();
+            if (abi != TimarNative.AbiVersion)
+                throw new TimarException(TimarStatus.Unsupported,
+                    "native timar library has ABI " + abi + ", these bindings need " + TimarNative.AbiVersion);
         }
     }
 
     /// <summary>
-    /// Streams a conversation through a TIMAR bundle. Audio: mono float samples in [-1, 1] at
+    /// Streams a conversation through a TIMAR bundle: a session of a shared <see cref="TimarModel"/>
+    /// (buffered streaming: <see cref="Accept(float[], float[], float[])"/>, the model's worker,
+    /// <see cref="PollMotion"/>), or one with a private model (bundle path constructor). Audio: mono float samples in [-1, 1] at
     /// <see cref="SampleRate"/> (16 kHz); |x| above <see cref="TimarNative.AudioLimit"/> (4) is
     /// refused. Motion: frames of 56 floats (FLAME expression 0..49, jaw 50..52, neck 53..55,
     /// axis-angle radians), row-major in float arrays, |x| at most <see cref="TimarNative.MotionLimit"/>.
@@ -43,21 +50,32 @@ namespace Timar
         readonly TimarSessionHandle _handle;
         readonly TimarInfo _static;
 
-        /// <summary>Open a bundle folder. Throws TimarException (Status Bundle for a missing
-        /// or modified bundle, InvalidArgument for bad options).</summary>
+        /// <summary>A session with a private model: open a bundle folder. Throws TimarException
+        /// (Status Bundle for a missing or modified bundle, InvalidArgument for bad options).</summary>
         public TimarSession(string bundleDir, TimarOptions options)
         {
             if (bundleDir == null) throw new ArgumentNullException("bundleDir");
-            int abi = TimarNative.timar_abi_version();
-            if (abi != TimarNative.AbiVersion)
-                throw new TimarException(TimarStatus.Unsupported,
-                    "native timar library has ABI " + abi + ", these bindings need " + TimarNative.AbiVersion);
+            TimarException.CheckAbi();
             byte[] path = Encoding.UTF8.GetBytes(bundleDir + "\0");
-            IntPtr raw;
-            Check(TimarNative.timar_session_create(path, ref options, out raw));
-            _handle = new TimarSessionHandle(raw);
+            TimarSessionHandle handle;
+            Check(TimarNative.timar_session_create(path, ref options, out handle));
+            _handle = handle;
             _static = Info;
         }
+
+        /// <summary>One conversation on a shared model (its graphs stay loaded while the session
+        /// lives, even after the model is disposed). Throws TimarException (InvalidArgument for
+        /// bad options).</summary>
+        public TimarSession(TimarModel model, TimarSessionOptions options)
+        {
+            if (model == null) throw new ArgumentNullException("model");
+            TimarSessionHandle handle;
+            Check(TimarNative.timar_session_create_from_model(model.Handle, ref options, out handle));
+            _handle = handle;
+            _static = Info;
+        }
+
+        public TimarSession(TimarModel model) : this(model, TimarSessionOptions.Default) { }
 
         public TimarSession(string bundleDir) : this(bundleDir, TimarOptions.Default) { }
 
@@ -140,6 +158,55 @@ namespace Timar
                     userMotionFrames > 0 ? um + (long)userMotionOffsetFrames * MotionDim : null, (UIntPtr)(uint)userMotionFrames,
                     agentAudioCount > 0 ? aa + agentAudioOffset : null, (UIntPtr)(uint)agentAudioCount,
                     capacity > 0 ? o + (long)outputOffsetFrames * MotionDim : null, (UIntPtr)(uint)capacity, out frames));
+            }
+            return (int)frames;
+        }
+
+        /// <summary>Buffered streaming: check and buffer pieces (count 0 = nothing) without running
+        /// anything, e.g. from the audio thread; the model's worker (or RunReady) runs whole
+        /// turns batched and PollMotion hands out their motion. Returns the whole turns buffered
+        /// and not yet run. Bad input throws TimarException and buffers nothing.</summary>
+        public int Accept(float[] userAudio, int userAudioOffset, int userAudioCount,
+                          float[] userMotion, int userMotionOffsetFrames, int userMotionFrames,
+                          float[] agentAudio, int agentAudioOffset, int agentAudioCount)
+        {
+            CheckRange(userAudio, userAudioOffset, userAudioCount, 1, "userAudio");
+            CheckRange(agentAudio, agentAudioOffset, agentAudioCount, 1, "agentAudio");
+            CheckRange(userMotion, userMotionOffsetFrames, userMotionFrames, MotionDim, "userMotion");
+            UIntPtr ready;
+            fixed (float* ua = userAudio)
+            fixed (float* um = userMotion)
+            fixed (float* aa = agentAudio)
+            {
+                Check(TimarNative.timar_session_accept(Handle,
+                    userAudioCount > 0 ? ua + userAudioOffset : null, (UIntPtr)(uint)userAudioCount,
+                    userMotionFrames > 0 ? um + (long)userMotionOffsetFrames * MotionDim : null, (UIntPtr)(uint)userMotionFrames,
+                    agentAudioCount > 0 ? aa + agentAudioOffset : null, (UIntPtr)(uint)agentAudioCount, out ready));
+            }
+            return (int)ready;
+        }
+
+        /// <summary>Accept whole arrays (any may be null: nothing of that stream).</summary>
+        public int Accept(float[] userAudio, float[] userMotion, float[] agentAudio)
+        {
+            int um = userMotion == null ? 0 : FramesOf(userMotion.Length, "userMotion");
+            return Accept(userAudio, 0, userAudio == null ? 0 : userAudio.Length, userMotion, 0, um,
+                          agentAudio, 0, agentAudio == null ? 0 : agentAudio.Length);
+        }
+
+        /// <summary>The oldest turn run from accepted input and not yet polled: its FramesPerTurn
+        /// frames into output (FramesPerTurn * 56 floats), its index in the conversation and the
+        /// media time of its first frame (seconds since the start). Returns 0 when none is
+        /// queued. A turn that failed in its batch throws TimarException once (Status Numeric,
+        /// Backend, ...); its input was dropped and the conversation goes on from before it.</summary>
+        public int PollMotion(float[] output, out ulong turn, out double startSeconds)
+        {
+            if (output == null) throw new ArgumentNullException("output");
+            UIntPtr frames;
+            fixed (float* o = output)
+            {
+                Check(TimarNative.timar_session_poll_motion(Handle, o, (UIntPtr)(uint)(output.Length / MotionDim), out frames,
+                                                            out turn, out startSeconds));
             }
             return (int)frames;
         }
@@ -238,21 +305,16 @@ namespace Timar
         }
 
         // ---- helpers ---------------------------------------------------------------------
-        IntPtr Handle
+        TimarSessionHandle Handle
         {
             get
             {
                 if (_handle.IsClosed) throw new ObjectDisposedException("TimarSession");
-                return _handle.DangerousGetHandle();
+                return _handle;
             }
         }
 
-        static void Check(TimarStatus status)
-        {
-            if (status == TimarStatus.Ok) return;
-            string message = TimarNative.Utf8(TimarNative.timar_last_error());
-            throw new TimarException(status, status + ": " + message);
-        }
+        static void Check(TimarStatus status) { TimarException.Check(status); }
 
         static UIntPtr Len(float[] a) { return (UIntPtr)(uint)(a == null ? 0 : a.Length); }
 

@@ -1,10 +1,15 @@
-// Sample: drive an avatar's head with TIMAR in a live conversation.
+// Sample: drive avatars' heads with TIMAR in live conversations.
 //
-// Put this on the GameObject that has the agent's AudioSource (its voice: TTS or a recording).
-// The user's voice comes from a microphone (or a second AudioSource). Samples are gathered on
-// the audio thread / in Update, fed to a TimarSession on one worker thread (a session is used
-// from one thread only), and the motion frames it returns are applied at 25 fps in LateUpdate:
-// jaw pose -> jaw bone, neck pose -> head/neck bone, expression -> blendshapes.
+// Put this on each GameObject that has an agent's AudioSource (its voice: TTS or a recording).
+// The user's voice comes from a microphone (or a second AudioSource). All heads that name the
+// same bundle share one TimarModel (its graphs are loaded once) whose native worker thread runs
+// every head's turns, batched: each head is one TimarSession of that model. No inference ever
+// runs on Unity's main thread or the audio thread:
+//  - the audio thread (OnAudioFilterRead) resamples the agent's voice and hands it to
+//    TimarSession.Accept, which only checks and buffers it;
+//  - the main thread reads the microphone in Update (Accept again), and in LateUpdate polls the
+//    motion the worker produced (PollMotion) and applies it at 25 fps: jaw pose -> jaw bone,
+//    neck pose -> head/neck bone, expression -> blendshapes.
 //
 // Motion for a turn is available once the whole turn's audio has arrived (turn_seconds = 1 s)
 // plus compute time, so playback runs `playbackDelaySeconds` behind the audio. To lip-sync the
@@ -13,7 +18,6 @@
 using System;
 using System.Collections.Generic;
 using System.IO;
-using System.Threading;
 using Timar;
 using UnityEngine;
 
@@ -57,12 +61,51 @@ public class TimarTalkingHead : MonoBehaviour
 
     string MicDevice => string.IsNullOrEmpty(microphoneDevice) ? null : microphoneDevice;
 
+    // One model per bundle folder, shared by the heads that use it; disposed with the last one.
+    sealed class SharedModel
+    {
+        public TimarModel Model;
+        public int Users;
+    }
+    static readonly Dictionary<string, SharedModel> s_models = new Dictionary<string, SharedModel>();
+
+    static TimarModel AcquireModel(string path)
+    {
+        lock (s_models)
+        {
+            SharedModel shared;
+            if (!s_models.TryGetValue(path, out shared))
+            {
+                var model = new TimarModel(path);   // loads the graphs once
+                model.StartWorker();                // every head's turns run here, batched
+                shared = new SharedModel { Model = model };
+                s_models.Add(path, shared);
+            }
+            shared.Users++;
+            return shared.Model;
+        }
+    }
+
+    static void ReleaseModel(string path)
+    {
+        lock (s_models)
+        {
+            SharedModel shared;
+            if (!s_models.TryGetValue(path, out shared) || --shared.Users > 0) return;
+            s_models.Remove(path);
+            shared.Model.Dispose();   // stops the worker; sessions still open keep the graphs
+        }
+    }
+
+    string _bundlePath;
     TimarSession _session;
-    Thread _worker;
     volatile bool _running;
-    readonly object _lock = new object();
-    readonly List<float> _userIn = new List<float>(), _agentIn = new List<float>();
+    int _sampleRate, _fps;
+    bool _userAudioFed;                      // a microphone or user AudioSource feeds the user stream
     readonly Queue<float[]> _frames = new Queue<float[]>();
+    float[] _polled;                         // one turn, PollMotion's buffer
+    float[] _agent16k = new float[0], _silence = new float[0];   // the audio thread's buffers
+    float[] _user16k = new float[0];
     Quaternion _jawRest, _headRest;
     AudioClip _mic;
     int _micPos;
@@ -75,132 +118,143 @@ public class TimarTalkingHead : MonoBehaviour
     void Start()
     {
         _outputRate = AudioSettings.outputSampleRate;
-        var options = TimarOptions.Default;
+        _bundlePath = Path.Combine(Application.streamingAssetsPath, bundleFolder);
+        var options = TimarSessionOptions.Default;
         options.Seed = seed;
         options.Cfg = cfg;
-        string path = Path.Combine(Application.streamingAssetsPath, bundleFolder);
+        TimarModel model = null;
         try
         {
-            _session = new TimarSession(path, options);
+            model = AcquireModel(_bundlePath);
+            _session = new TimarSession(model, options);
         }
         catch (Exception e)   // TimarException (bad bundle) or DllNotFoundException (no native library)
         {
             Debug.LogError("TIMAR: " + e.Message);
+            if (model != null) ReleaseModel(_bundlePath);
+            _bundlePath = null;
             enabled = false;
             return;
         }
-        Debug.Log("TIMAR " + TimarSession.Version + " on " + _session.BackendName);
+        _sampleRate = model.SampleRate;
+        _fps = model.Fps;
+        _polled = new float[model.FramesPerTurn * TimarSession.MotionDim];
+        Debug.Log("TIMAR " + TimarSession.Version + " on " + model.BackendName);
         if (jawBone) _jawRest = jawBone.localRotation;
         if (headBone) _headRest = headBone.localRotation;
         if (useMicrophone && userSource == null)
-        {
-            _mic = Microphone.Start(MicDevice, true, 2,
-                                    _session.SampleRate);
-        }
+            _mic = Microphone.Start(MicDevice, true, 2, _sampleRate);
+        _userAudioFed = _mic != null || userSource != null;
         _running = true;
-        _worker = new Thread(Worker) { IsBackground = true, Name = "TIMAR" };
-        _worker.Start();
     }
 
-    // Agent voice, on the audio thread: downmix, resample to 16 kHz, queue.
+    // Agent voice, on the audio thread: downmix, resample to the bundle's rate, buffer (no
+    // inference here). Without a user audio source the user's stream is silence of equal length.
     void OnAudioFilterRead(float[] data, int channels)
     {
         if (!_running) return;
-        lock (_lock) Resample(data, channels, _outputRate, _agentIn, ref _resampleAgent);
+        int n = Resample(data, channels, _outputRate, ref _agent16k, ref _resampleAgent);
+        if (n == 0) return;
+        if (!_userAudioFed && _silence.Length < n) _silence = new float[_agent16k.Length];
+        try
+        {
+            _session.Accept(_userAudioFed ? null : _silence, 0, _userAudioFed ? 0 : n, null, 0, 0, _agent16k, 0, n);
+        }
+        catch (ObjectDisposedException)   // the head is being destroyed
+        {
+        }
     }
 
     void Update()
     {
+        if (!_running) return;
         if (_mic != null)
         {
             int pos = Microphone.GetPosition(MicDevice);
-            int n = (pos - _micPos + _mic.samples) % _mic.samples;
-            if (n > 0)
-            {
-                var buf = new float[n * _mic.channels];
-                _mic.GetData(buf, _micPos);   // wraps around the looping clip
-                lock (_lock) Resample(buf, _mic.channels, _mic.frequency, _userIn, ref _resampleUser);
-                _micPos = pos;
-            }
+            FeedUser(_mic, pos);
         }
         else if (userSource != null && userSource.isPlaying && userSource.clip != null)
         {
-            // read what the user source played since the last frame
-            int pos = userSource.timeSamples, clip = userSource.clip.samples;
-            int n = (pos - _micPos + clip) % clip;
-            if (n > 0)
-            {
-                var buf = new float[n * userSource.clip.channels];
-                userSource.clip.GetData(buf, _micPos);
-                lock (_lock) Resample(buf, userSource.clip.channels, userSource.clip.frequency, _userIn, ref _resampleUser);
-                _micPos = pos;
-            }
+            FeedUser(userSource.clip, userSource.timeSamples);   // what the user source played since the last frame
         }
     }
 
-    // Linear resampling to the bundle's rate; `phase` carries the fractional position.
-    void Resample(float[] data, int channels, int rate, List<float> into, ref double phase)
+    // The user's samples from the looping clip since the last read: resampled and buffered (cheap).
+    void FeedUser(AudioClip clip, int pos)
+    {
+        int n = (pos - _micPos + clip.samples) % clip.samples;
+        if (n <= 0) return;
+        var buf = new float[n * clip.channels];
+        clip.GetData(buf, _micPos);   // wraps around the looping clip
+        _micPos = pos;
+        int m = Resample(buf, clip.channels, clip.frequency, ref _user16k, ref _resampleUser);
+        try
+        {
+            _session.Accept(_user16k, 0, m, null, 0, 0, null, 0, 0);
+        }
+        catch (TimarException e)
+        {
+            Debug.LogWarning("TIMAR: " + e.Message);
+        }
+    }
+
+    // Linear resampling to the bundle's rate into `into` (grown when needed); returns the samples
+    // written. `phase` carries the fractional position from call to call.
+    int Resample(float[] data, int channels, int rate, ref float[] into, ref double phase)
     {
         int frames = data.Length / channels;
-        double step = (double)rate / _session.SampleRate;
+        double step = (double)rate / _sampleRate;
+        int capacity = (int)(frames / step) + 2;
+        if (into.Length < capacity) into = new float[capacity];
+        int written = 0;
         for (; phase < frames - 1; phase += step)
         {
             int i = (int)phase;
             double frac = phase - i;
             float a = 0, b = 0;
             for (int c = 0; c < channels; c++) { a += data[i * channels + c]; b += data[(i + 1) * channels + c]; }
-            into.Add((float)((a + (b - a) * frac) / channels));
+            into[written++] = (float)((a + (b - a) * frac) / channels);
         }
         phase -= frames;
         if (phase < 0) phase = 0;
+        return written;
     }
 
-    void Worker()
-    {
-        int F = _session.FramesPerTurn;
-        var output = new float[F * TimarSession.MotionDim * 4];
-        while (_running)
-        {
-            float[] user, agent;
-            lock (_lock)
-            {
-                int n = Math.Min(_userIn.Count, _agentIn.Count);   // keep the two streams aligned
-                if (useMicrophone == false && userSource == null) n = _agentIn.Count;
-                user = _userIn.GetRange(0, Math.Min(n, _userIn.Count)).ToArray();
-                agent = _agentIn.GetRange(0, n).ToArray();
-                _userIn.RemoveRange(0, user.Length);
-                _agentIn.RemoveRange(0, n);
-            }
-            if (agent.Length == 0) { Thread.Sleep(10); continue; }
-            if (user.Length < agent.Length) Array.Resize(ref user, agent.Length);   // silence for a missing user
-            try
-            {
-                int frames = _session.Feed(user, 0, user.Length, null, 0, 0, agent, 0, agent.Length, output);
-                lock (_frames)
-                    for (int f = 0; f < frames; f++)
-                    {
-                        var frame = new float[TimarSession.MotionDim];
-                        Array.Copy(output, f * TimarSession.MotionDim, frame, 0, frame.Length);
-                        _frames.Enqueue(frame);
-                    }
-            }
-            catch (TimarException e)
-            {
-                Debug.LogWarning("TIMAR: " + e.Message);
-            }
-        }
-    }
-
+    // Main thread: take the turns the model's worker finished, then play them at the bundle's fps.
     void LateUpdate()
     {
-        lock (_frames)
-        {
-            if (_startTime < 0 && _frames.Count > 0) _startTime = Time.timeAsDouble;
-            if (_startTime < 0) return;
-            long due = (long)((Time.timeAsDouble - _startTime) * _session.Fps);
-            while (_framesPlayed <= due && _frames.Count > 0) { _current = _frames.Dequeue(); _framesPlayed++; }
-        }
+        PollTurns();
+        if (_startTime < 0 && _frames.Count > 0) _startTime = Time.timeAsDouble;
+        if (_startTime < 0) return;
+        long due = (long)((Time.timeAsDouble - _startTime) * _fps);
+        while (_framesPlayed <= due && _frames.Count > 0) { _current = _frames.Dequeue(); _framesPlayed++; }
         if (_current != null) Apply(_current);
+    }
+
+    void PollTurns()
+    {
+        while (true)
+        {
+            int frames;
+            try
+            {
+                ulong turn;
+                double start;
+                frames = _session.PollMotion(_polled, out turn, out start);
+            }
+            catch (TimarException e)   // a turn that failed; the conversation goes on
+            {
+                Debug.LogWarning("TIMAR: " + e.Message);
+                continue;
+            }
+            if (frames == 0) return;
+            for (int f = 0; f < frames; f++)
+            {
+                var frame = new float[TimarSession.MotionDim];
+                Array.Copy(_polled, f * TimarSession.MotionDim, frame, 0, frame.Length);
+                _frames.Enqueue(frame);
+            }
+        }
     }
 
     // FLAME axis-angle (right-handed, y up, z toward the viewer) -> Unity (left-handed): mirror x.
@@ -226,8 +280,8 @@ public class TimarTalkingHead : MonoBehaviour
     void OnDestroy()
     {
         _running = false;
-        if (_worker != null) _worker.Join();
         if (_mic != null) Microphone.End(MicDevice);
-        if (_session != null) _session.Dispose();
+        if (_session != null) _session.Dispose();   // waits for an Accept in progress on the audio thread
+        if (_bundlePath != null) ReleaseModel(_bundlePath);
     }
 }
