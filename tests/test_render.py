@@ -208,6 +208,36 @@ def test_expressions_move_brows_and_mouth(head, renderer):
     assert d_smile[int(mouth_y) - 8:int(mouth_y) + 8].max() > 60
 
 
+def test_mouth_calibration_flame_jaw_radians_and_lip_shapes():
+    """Issue 15 item 4: FLAME jaw radians look real on the preview head (0..0.05 rad closed,
+    0.1 lips apart, 0.3 wide open) and the lip channels of the training data show: rounding
+    (exp 4) makes the opening narrower and rounder, closure (exp 5) holds the lips together."""
+    from timar_sdk.render.head import MOUTH, TEETH, TONGUE
+    rig = ProceduralHead()
+    # Paint the mouth interior (cavity, teeth, tongue) pure green: visible green = open mouth.
+    rig.albedo[np.isin(rig.part, (MOUTH, TEETH, TONGUE))] = (0.0, 1.0, 0.0)
+    r = Renderer(rig, 192, antialias=False)
+
+    def interior(**values):
+        frame = np.zeros(56)
+        for key, v in values.items():
+            frame[{"jaw": 50, "round": 4, "press": 5}[key]] = v
+        img = r.render_float(frame)
+        m = (img[..., 1] > img[..., 0] + 0.15) & (img[..., 1] > img[..., 2] + 0.15)
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        return int(m.sum()), int(np.ptp(cols) + 1 if len(cols) else 0), \
+            int(np.ptp(rows) + 1 if len(rows) else 0)
+
+    for jaw in (0.0, 0.03, 0.05):
+        assert interior(jaw=jaw)[0] == 0, f"jaw {jaw} rad should show a closed mouth"
+    assert interior(jaw=0.06, press=1.6)[0] == 0      # b/p/m: lips pressed over an open jaw
+    small, wide = interior(jaw=0.1), interior(jaw=0.3)
+    assert small[0] > 0                                # lips apart
+    assert wide[0] > 4 * small[0] and wide[2] >= 6     # wide open: a tall dark opening
+    rounded = interior(jaw=0.1, round=1.6)
+    assert rounded[1] < 0.7 * small[1] and rounded[2] > small[2]   # narrower, rounder
+
+
 def test_render_frame_api(head):
     img = render_frame(np.zeros(56), size=64)
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8

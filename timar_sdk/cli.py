@@ -214,10 +214,14 @@ def output_file(path: Path, option: str):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampler's noise.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Diffusion steps (default: manifest).")
 @click.option("--cfg", default=None, type=float, help="Classifier-free guidance scale (default: manifest).")
+@click.option("--temperature", default=None, type=float, help="Sampling temperature (default: manifest).")
+@click.option("--no-smoothing", is_flag=True,
+              help="The exact model output, without the bundle's default smoothing.")
 @click.option("--demo", is_flag=True, help="Make a synthetic conversation and run it (no inputs needed).")
 @click.option("--demo-seconds", default=20.0, show_default=True, type=click.FloatRange(min=1.0, max=600.0),
               help="Length of the --demo conversation.")
-def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, steps, cfg, demo, demo_seconds):
+def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, steps, cfg, temperature, no_smoothing,
+            demo, demo_seconds):
     """Generate the agent's head motion for a recorded conversation, or run the demo.
 
     The audio tracks are cut to the shorter one, and the last partial turn is padded with
@@ -228,8 +232,10 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
     from timar_sdk import Session, TimarInputError
     from timar_sdk.render.video import load_motion
     out = Path(out)
+    settings = dict(backend=backend, seed=seed, steps=steps, cfg=cfg, temperature=temperature,
+                    smoothing=False if no_smoothing else None)
     if demo:
-        session = Session(bundle, backend=backend, seed=seed, steps=steps, cfg=cfg)
+        session = Session(bundle, **settings)
         from timar_sdk.demo import run_demo
         for line in run_demo(session, out, seconds=demo_seconds):
             click.echo(line)
@@ -239,7 +245,7 @@ def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, st
     if out.suffix != ".npy":
         raise click.BadParameter(f"expected a file name ending in .npy, got {str(out)!r} (a folder only with --demo)",
                                  param_hint="--out")
-    session = Session(bundle, backend=backend, seed=seed, steps=steps, cfg=cfg)
+    session = Session(bundle, **settings)
     sr, fps = session.info["sample_rate"], session.info["fps"]
     files = {"user_audio": f"--user-audio {user_audio}", "agent_audio": f"--agent-audio {agent_audio}",
              "user_motion": f"--user-motion {user_motion}"}

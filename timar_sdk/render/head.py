@@ -10,12 +10,17 @@ y = 0. The motion vector (docs/DESIGN.md section 1) drives it:
 - neck/global pose 53..55 (axis-angle) rotates the head about a pivot at the top of the neck;
   the neck bends with it, the shoulders stay;
 - jaw pose 50..52 (axis-angle) rotates the jaw, lower lip, lower teeth and chin about the jaw
-  hinge (x = opening, as in FLAME);
-- the leading expression coefficients drive stylised blend shapes: exp[0] mouth open/stretch,
-  exp[1] smile (mouth corners out and up), exp[2] brows raised, exp[3] brows lowered and drawn
-  together (frown), exp[4] lips pushed forward (pucker). They are an approximation for
-  previews, not FLAME's expression basis (use ``--flame`` for that); coefficients 5..49 are
-  not shown by this head.
+  hinge (x = opening, as in FLAME), calibrated so FLAME's range looks right: the rig turns
+  by JAW_SCALE (0.75) times the FLAME angle, and the lips stay sealed over the first few
+  hundredths of a radian (LIP_SEAL; more while exp[5] presses them), so 0..0.03 rad is a
+  closed mouth, 0.1 rad lips apart, 0.3..0.35 rad wide open;
+- the leading expression coefficients drive stylised blend shapes, the mouth shapes of the
+  speech-driven training data (docs/TRAINING_DATA.md): exp[0] lips apart, exp[1] spread /
+  smile (mouth corners out and up), exp[2] brows raised, exp[3] brows lowered and drawn
+  together (frown), exp[4] lip rounding (lips forward, mouth narrower and rounder), exp[5]
+  lip closure / press (lips thinner, held together), exp[6] lower lip tucked under the upper
+  teeth (f, v). They are an approximation for previews, not FLAME's expression basis (use
+  ``--flame`` for that); coefficients 7..49 are not shown by this head.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ EYE_Y = 0.002
 EYE_X = 0.0325
 EYE_R = 0.0125
 
-N_EXPRESSIONS = 5
+N_EXPRESSIONS = 7
+JAW_SCALE = 0.75  # rig jaw rotation per radian of FLAME jaw opening
+LIP_SEAL = 0.03  # rig radians of jaw opening the closed lips absorb before they part
 
 # Parts (for weights, colours and tests).
 SKIN, BROW, EYE, LID, TEETH, MOUTH, EAR, NECK, TORSO, TONGUE = range(10)
@@ -301,6 +308,11 @@ class ProceduralHead:
         self.head_weight = mesh["head"].astype(np.float64)
         self.lower = mesh["lower"]
         self.blendshapes = self._blendshapes()
+        # How much each vertex takes part in the lip seal: the lower lip near its edge.
+        v = self.rest
+        self.seal_weight = (((self.part == SKIN) & self.lower & (v[:, 2] > 0.0))
+                            * _smoothstep(MOUTH_Y - 0.016, MOUTH_Y - 0.002, v[:, 1])
+                            * (1.0 - _smoothstep(MOUTH_HALF, MOUTH_HALF + 0.012, np.abs(v[:, 0]))))
         self.static_vertices = ((self.head_weight == 0) & (self.jaw_weight == 0)
                                 & ~np.any(self.blendshapes != 0, axis=(0, 2)))
         self.camera = Camera(target=(0.0, -0.055, 0.0), distance=1.15, fov_y_deg=20.0)
@@ -547,10 +559,20 @@ class ProceduralHead:
         g = np.where(self.part == BROW, np.exp(-((ax - 0.012) / 0.022) ** 2), g)
         d[3, :, 1] = -0.0045 * g
         d[3, :, 0] = -0.0022 * sgn * g
-        # 4: pucker: lips forward, mouth narrower
+        # 4: rounding: lips forward, mouth narrower, a small round opening in the middle
         g = _gauss2(x, y, 0.0, MOUTH_Y, 0.020, 0.014) * lips_region
-        d[4, :, 2] = 0.0060 * g
-        d[4, :, 0] = -0.0050 * sgn * _gauss2(ax, y, MOUTH_HALF, MOUTH_Y, 0.012, 0.012) * lips_region
+        d[4, :, 2] = 0.0075 * g
+        d[4, :, 0] = -0.0075 * sgn * _gauss2(ax, y, MOUTH_HALF, MOUTH_Y, 0.012, 0.012) * lips_region
+        d[4, :, 1] = (np.where(self.lower, -0.0012, 0.0010)
+                      * _gauss2(x, y, 0.0, MOUTH_Y, 0.010, 0.006) * lips_region)
+        # 5: closure / press: the lip band thins towards the slit and rolls in a little
+        band = _gauss2(x, y, 0.0, MOUTH_Y, 0.030, 0.011) * lips_region
+        d[5, :, 1] = -0.30 * (y - MOUTH_Y) * band
+        d[5, :, 2] = -0.0015 * band
+        # 6: lower lip tucked under the upper teeth (f, v): up and back
+        g = _gauss2(x, y, 0.0, MOUTH_Y - 0.004, 0.024, 0.007) * lips_region * self.lower
+        d[6, :, 1] = 0.0015 * g
+        d[6, :, 2] = -0.0045 * g
         # teeth, cavity and tongue never move with blend shapes
         return d.astype(np.float64)
 
@@ -559,14 +581,25 @@ class ProceduralHead:
         """Deformed vertices (V, 3) for one 56-float motion frame."""
         frame = np.asarray(frame, dtype=np.float64)
         exp = np.clip(frame[:N_EXPRESSIONS], -3.0, 3.0)
-        # Negative mouth-open and smile would push the lips through each other: damp them.
-        exp = np.where((exp < 0) & (np.arange(N_EXPRESSIONS) < 2), 0.35 * exp, exp)
+        # Negative lip opening, smile, closure and tuck would push the lips through each
+        # other: damp them.
+        exp = np.where((exp < 0) & np.isin(np.arange(N_EXPRESSIONS), (0, 1, 5, 6)), 0.35 * exp, exp)
         v = self.rest + np.tensordot(exp, self.blendshapes, axes=1)
         jaw = frame[50:53].copy()
-        jaw[0] = np.clip(jaw[0], -0.05, 0.7)
-        r = axis_angle_to_matrix(jaw)
+        jaw[0] = JAW_SCALE * np.clip(jaw[0], -0.05, 0.7)
+        # Lip seal: the lower lip edge turns by less than the jaw, by up to `seal` radians
+        # (soft: about the whole angle while it is small), so a nearly closed jaw keeps the
+        # lips together; pressing the lips (exp 5) holds them longer.
+        seal = LIP_SEAL * (1.0 + max(exp[5], 0.0))
+        lip = jaw.copy()
+        lip[0] = jaw[0] - seal * np.tanh(max(jaw[0], 0.0) / seal)
+        r, r_lip = axis_angle_to_matrix(jaw), axis_angle_to_matrix(lip)
+        turned = (v - JAW_HINGE) @ r.T + JAW_HINGE
+        turned_lip = (v - JAW_HINGE) @ r_lip.T + JAW_HINGE
+        s = self.seal_weight[:, None]
+        turned = turned + s * (turned_lip - turned)
         w = self.jaw_weight[:, None]
-        v = v + w * (((v - JAW_HINGE) @ r.T + JAW_HINGE) - v)
+        v = v + w * (turned - v)
         r = axis_angle_to_matrix(frame[53:56])
         w = self.head_weight[:, None]
         v = v + w * (((v - NECK_PIVOT) @ r.T + NECK_PIVOT) - v)

@@ -167,7 +167,7 @@ class Scheduler:
 
     def open(self, on_motion=None, **session_settings) -> Stream:
         """A new stream: a Session on this scheduler's model with `session_settings` (seed, steps,
-        temperature, cfg, history, context_turns). on_motion(chunk), if given, is called on the
+        temperature, cfg, history, context_turns, smoothing). on_motion(chunk), if given, is called on the
         worker thread for every turn, as well as the chunk being queued for `get`."""
         if self._stopping:
             raise TimarInputError("scheduler: closed; make a new Scheduler")

@@ -25,13 +25,15 @@ from timar_sdk.runtime.bundle import CFG_RANGE, TEMPERATURE_RANGE, Bundle
 from timar_sdk.runtime.model import Model, check_integer
 from timar_sdk.runtime.ring import TurnRing
 from timar_sdk.runtime.rng import PhiloxNormal
+from timar_sdk.runtime.smoothing import check_smoothing, filter_coefficients, smooth
 from timar_sdk.sampler import respaced_schedule, sample_turns
 
 __all__ = ["Conversation", "Model", "Session", "TimarInputError", "TimarRuntimeError"]
 
 EMPTY_BUFFERS = (np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, MOTION_DIM), np.float32))
-SETTINGS = ("seed", "steps", "temperature", "cfg", "history", "context_turns")
-"""What shapes the noise stream and the cache: a snapshot is only valid under the same values."""
+SETTINGS = ("seed", "steps", "temperature", "cfg", "history", "context_turns", "smoothing")
+"""What shapes the noise stream, the cache and the output: a snapshot is only valid under the
+same values."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Conversation:
     buffers: audio (float32 [samples]) and user motion (float32 [frames, 56]) not yet in a turn.
     motion_tracked: user motion was fed since the last reset (turns then wait for it).
     last_motion: the last user motion frame fed, float32 [56] (pads a lagging tracker in flush).
+    smoothed: the last output frame of the smoothing filter, float32 [56] (None: smoothing off,
+        or no turn yet).
     """
     ring: TurnRing
     noise: dict
@@ -53,6 +57,7 @@ class Conversation:
     buffers: tuple = EMPTY_BUFFERS
     motion_tracked: bool = False
     last_motion: np.ndarray | None = None
+    smoothed: np.ndarray | None = None
 
     @property
     def user_audio(self) -> np.ndarray:
@@ -79,13 +84,17 @@ class Session:
     steps (1..1000), temperature (0..10), cfg (0..20), history ("masked" | "feedback"):
         sampling settings; None takes the manifest's defaults.
     context_turns: past turns kept visible, 0..W-1 (None: all W-1), for context experiments.
+    smoothing: the output's causal smoothing (timar_sdk.runtime.smoothing): None or True for the
+        bundle's defaults (its manifest's "smoothing"; none if it has none), False for the exact
+        model output, or a dict of time constants in seconds per region, e.g.
+        {"jaw": 0.03, "expression": 0.1, "neck": 0.2} (a region left out is not smoothed).
     Raises TimarInputError naming the argument, or BundleError naming the bundle file.
     """
 
     def __init__(self, model: Model | str | os.PathLike | Bundle | None = None, backend: str | None = None,
                  seed: int = 0, steps: int | None = None, temperature: float | None = None,
                  cfg: float | None = None, history: str | None = None, threads: int | None = None,
-                 context_turns: int | None = None):
+                 context_turns: int | None = None, smoothing: bool | dict | None = None):
         t0 = time.perf_counter()
         if isinstance(model, Model):
             for name, value in (("backend", backend), ("threads", threads)):
@@ -113,6 +122,11 @@ class Session:
             raise TimarInputError("history: window_recompute bundles (the authors' models) support only "
                                   "'masked' (their --mask_history_agent)")
         self.context_turns = None if context_turns is None else check_integer("context_turns", context_turns, 0, w - 1)
+        if smoothing is None or smoothing is True:
+            self.smoothing = check_smoothing(m.get("smoothing", False), "bundle: manifest.json: smoothing")
+        else:
+            self.smoothing = check_smoothing(smoothing)
+        self._smoothing_a = filter_coefficients(self.smoothing, m["fps"])
         self.schedule = respaced_schedule(self.bundle.alphas_cumprod, self.steps)
         self.frames = self.model.frames
         self.samples = self.model.samples
@@ -137,7 +151,8 @@ class Session:
     def info(self) -> dict:
         """The model's facts (`Model.info`) and this session's settings and state."""
         return {**self.model.info, "history": self.history, "seed": self.seed, "steps": self.steps,
-                "temperature": self.temperature, "cfg": self.cfg, "state_bytes": self.state_bytes,
+                "temperature": self.temperature, "cfg": self.cfg, "smoothing": dict(self.smoothing),
+                "state_bytes": self.state_bytes,
                 "turns": self.turns}
 
     @property
@@ -277,7 +292,8 @@ class Session:
         the generator counter, and (include_buffers) the audio and motion not yet in a turn."""
         c = self._conv
         state = {"bundle": self.bundle.id, "settings": self._settings(), "rows": self.rows,
-                 "slot_age": list(c.ring.slot_age), "noise": dict(c.noise), "turns": c.turns}
+                 "slot_age": list(c.ring.slot_age), "noise": dict(c.noise), "turns": c.turns,
+                 "smoothed": None if c.smoothed is None else c.smoothed.copy()}
         if self.window:
             state["tokens"] = [t.copy() for t in c.tokens]
             state["audio_norm"] = [n.to_list() for n in c.audio_norm]
@@ -365,7 +381,7 @@ class Session:
 
         if not isinstance(state, dict) or state.get("bundle") != self.bundle.id:
             raise bad("expected a get_state() snapshot of a session on this bundle")
-        need = ["settings", "slot_age", "noise", "turns"] + (["tokens", "audio_norm"] if self.window else ["cache"])
+        need = ["settings", "slot_age", "noise", "turns", "smoothed"] + (["tokens", "audio_norm"] if self.window else ["cache"])
         if include_buffers:
             need += ["buffers", "motion_tracked", "last_motion"]
         missing = [k for k in need if k not in state]
@@ -396,6 +412,12 @@ class Session:
         if noise["counter"] != turns * blocks:
             raise bad(f"noise: generator counter {noise['counter']} is not that of {turns} turns "
                       f"({turns} x {blocks} blocks)")
+        smoothed = state["smoothed"]
+        if self._smoothing_a is None or turns == 0:
+            if smoothed is not None:
+                raise bad("smoothed: expected None (smoothing is off, or no turn yet)")
+        else:
+            smoothed = _finite_array(smoothed, (MOTION_DIM,), "smoothed")
         cache, tokens, norms = None, (), ()
         if self.window:
             p, d = self.bundle["window"]["tokens_per_turn"], self.bundle["window"]["token_dim"]
@@ -415,7 +437,8 @@ class Session:
             shape[2] = self.rows
             cache = _finite_array(state["cache"], tuple(shape), "cache")
         conv = Conversation(ring, {"seed": int(noise["seed"]), "counter": int(noise["counter"])}, int(turns),
-                            tokens, norms, self._conv.buffers, self._conv.motion_tracked, self._conv.last_motion)
+                            tokens, norms, self._conv.buffers, self._conv.motion_tracked, self._conv.last_motion,
+                            smoothed)
         if include_buffers:
             buffers = state["buffers"]
             if not isinstance(buffers, dict) or set(buffers) != {"user_audio", "agent_audio", "user_motion"}:
@@ -621,8 +644,9 @@ def _run_group(turns: list[_Turn]) -> list:
                 f"turn {t.conv.turns}: the model produced NaN or Inf from finite, in-range input; the session "
                 f"is unchanged (is the bundle's model sound?)"))
             continue
+        motion, smoothed = smooth(motion, t.conv.smoothed, t.session._smoothing_a)
         after = replace(t.conv, ring=t.conv.ring.advance(), noise=noises[i].get_state(), turns=t.conv.turns + 1,
-                        tokens=tokens, audio_norm=turn_norms)
+                        tokens=tokens, audio_norm=turn_norms, smoothed=smoothed)
         results.append((motion, after, _writer(t.session, turn_present, -1 if first.window else t.conv.ring.next_slot())))
     return results
 
