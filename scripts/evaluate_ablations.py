@@ -1,11 +1,11 @@
 """EVALUATION.md's ablation rows: models trained like the shipped one but with the MLP head or
 full bidirectional attention, on the same held-out synthetic test split as evaluate_synthetic.py.
 
-Neither ablation exports (an MLP head has no sampler; full attention cannot use a cache), so they
-generate in torch: the MLP-head model (band attention) with the cached StreamingReference, the
-full-attention model with FullForwardReference (every turn reruns the whole history, which is
-what window recompute means for it). The shipped model's row comes from the same reference
-(StreamingReference) so all rows here share one code path; it equals the bundle to ~1e-3.
+Every model generates in torch. The shipped model streams through the runtime's Session on its
+torch modules (Model.from_torch, the same path as timar-generate; it equals the bundle to ~1e-3).
+Neither ablation can stream (an MLP head has no sampler; full attention cannot use a cache), so
+they run through the full forward: every turn reruns the whole history (full_forward_motion, which
+the tests hold equal to the Session's cache for models that stream).
 
     python scripts/evaluate_ablations.py --ckpt mlp=runs/ablations/tiny_mlp.pt \
         --ckpt full=runs/ablations/tiny_full.pt --out runs/eval_ablations [--clips 12]
@@ -23,20 +23,24 @@ import torch
 from timar_sdk.audio import load_audio
 from timar_sdk.data.dualtalk import list_examples, motion_from_npz
 from timar_sdk.data.synthetic import write_synthetic_corpus
-from timar_sdk.evaluate import evaluate_dirs
+from timar_sdk.evaluate import evaluate_dirs, generate_split
+from timar_sdk.export.manifest import in_memory_bundle
 from timar_sdk.metrics import published_scale
 from timar_sdk.model.checkpoint import DEFAULT_CHECKPOINT, load_model
-from timar_sdk.model.streaming import FullForwardReference, StreamingReference
+from timar_sdk.model.full_forward import full_forward_motion
 from timar_sdk.runtime.rng import PhiloxNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_synthetic import markdown_table  # noqa: E402
 
+
 def generate(model, test_dir: Path, out: Path, seed: int = 0) -> None:
-    """One .npy per example: the agent's motion, turn by turn, from the model's torch reference."""
-    out.mkdir(parents=True, exist_ok=True)
+    """One .npy per example: the agent's motion, turn by turn, from the torch model."""
     cfg = model.cfg
-    reference = FullForwardReference if cfg.attention == "full" else StreamingReference
+    if cfg.head == "diffusion" and cfg.attention == "band":
+        generate_split(test_dir, out, bundle=in_memory_bundle(model), backend="torch", seed=seed, progress=False)
+        return
+    out.mkdir(parents=True, exist_ok=True)
     s, f = cfg.samples_per_turn, cfg.frames_per_turn
     for ex in list_examples(test_dir):
         if (out / f"{ex.name}.npy").exists():
@@ -44,9 +48,10 @@ def generate(model, test_dir: Path, out: Path, seed: int = 0) -> None:
         ua, aa = load_audio(ex.user_wav), load_audio(ex.agent_wav)
         um = motion_from_npz(ex.user_npz)
         turns = min(len(ua) // s, len(aa) // s, len(um) // f)
-        gen = reference(model, PhiloxNormal(seed))
-        motion = [gen.step(ua[i * s:(i + 1) * s], um[i * f:(i + 1) * f], aa[i * s:(i + 1) * s]) for i in range(turns)]
-        np.save(out / f"{ex.name}.npy", np.concatenate(motion).astype(np.float32))
+        motion = full_forward_motion(model, ua[:turns * s].reshape(turns, s), list(um[:turns * f].reshape(turns, f, -1)),
+                                     aa[:turns * s].reshape(turns, s), PhiloxNormal(seed),
+                                     temperature=cfg.temperature, cfg=cfg.cfg, history=cfg.history)
+        np.save(out / f"{ex.name}.npy", motion.reshape(-1, motion.shape[-1]).astype(np.float32))
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from authors_fixture import (SMALL_MODELS, THEIR_MODELS, model_args, model_dims,
                              random_state, write_authors_checkpoint, write_small_wav2vec2)
 from timar_sdk.cli import export_cmd  # noqa: E402
 from timar_sdk.model import authors as authors_module  # noqa: E402
-from timar_sdk.model.authors import WindowReference, load_authors_model  # noqa: E402
+from timar_sdk.model.authors import load_authors_model  # noqa: E402
+from timar_sdk.model.full_forward import full_forward_motion  # noqa: E402
 from timar_sdk.runtime.rng import PhiloxNormal  # noqa: E402
 from timar_sdk.runtime.model import Model  # noqa: E402
 from timar_sdk.runtime.session import Session, TimarInputError, step_many  # noqa: E402
@@ -80,16 +81,26 @@ def test_export_writes_a_window_recompute_bundle(authors):
     assert m["source_weights"] == "ema"
 
 
+def _full_forward(model, turns, seed, audio_heard_before=None) -> np.ndarray:
+    """[T, 25, 56]: the turns with every window recomputed from its turns' inputs."""
+    ua, um, aa = zip(*turns)
+    return full_forward_motion(model, np.stack(ua), um, np.stack(aa), PhiloxNormal(seed),
+                               audio_heard_before=audio_heard_before)
+
+
 def test_onnx_runtime_matches_the_imported_torch_model_for_12_turns(authors):
-    """Turn by turn, same noise: the window fills (turns 1..8) and then slides (9..12)."""
+    """Turn by turn, same noise: the window fills (turns 1..8) and then slides (9..12). The torch
+    model runs both in a Session (Model.from_torch) and with every window recomputed."""
     model = load_authors_model(authors["ckpt"], str(authors["w2v"]))
-    reference = WindowReference(model, PhiloxNormal(7))
+    turns = list(_turns(12))
+    want = _full_forward(model, turns, 7)
     session = Session(authors["bundle"], backend="onnxruntime", seed=7)
-    for k, (ua, um, aa) in enumerate(_turns(12)):
-        want = reference.step(ua, um, aa)
-        got = session.step(ua, um, aa)
+    reference = Session(Model.from_torch(model), seed=7)
+    for k, turn in enumerate(turns):
+        got = session.step(*turn)
         assert got.shape == (25, 56)
-        assert np.abs(got - want).max() < 1e-3, f"turn {k}"
+        assert np.abs(got - want[k]).max() < 1e-3, f"turn {k}"
+        assert np.abs(reference.step(*turn) - want[k]).max() < 1e-4, f"turn {k}"
     assert session.turns == 12
     assert session.info["attention"] == "window_recompute" and session.info["model_preset"] == authors["name"]
 
@@ -354,13 +365,12 @@ def test_prime_audio_normalization_starts_from_the_given_statistics(authors):
     cu, ca = _clips()
     turns = list(_turns(3, seed=5))
     model = load_authors_model(authors["ckpt"], str(authors["w2v"]))
-    reference = WindowReference(model, PhiloxNormal(3))
-    reference.norms = (RunningNorm.from_audio(cu), RunningNorm.from_audio(ca))
+    want = _full_forward(model, turns, 3, audio_heard_before=(cu, ca))
     primed = Session(authors["bundle"], backend="onnxruntime", seed=3)
     primed.prime_audio_normalization(user_audio=cu, agent_audio=ca)
     got = [primed.step(*t) for t in turns]
-    for k, t in enumerate(turns):
-        assert np.abs(got[k] - reference.step(*t)).max() < 1e-3, f"turn {k}"
+    for k in range(len(turns)):
+        assert np.abs(got[k] - want[k]).max() < 1e-3, f"turn {k}"
     cold = Session(authors["bundle"], backend="onnxruntime", seed=3).step(*turns[0])
     assert np.abs(cold - got[0]).max() > 1e-2                          # it does change the first turn
 

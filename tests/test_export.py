@@ -1,5 +1,5 @@
-"""Export: each ONNX graph equals its torch module; the bundle loop reproduces the torch
-streaming reference; the op check; refusal of broken bundles."""
+"""Export: each ONNX graph equals its torch module; the bundle in a Session reproduces the
+torch model in a Session (Model.from_torch); the op check; refusal of broken bundles."""
 import json
 import shutil
 
@@ -10,10 +10,9 @@ import torch
 from timar_sdk.export.onnx_export import export_bundle, ort_vs_torch
 from timar_sdk.model.graphs import example_inputs
 from timar_sdk.model.config import preset
-from timar_sdk.model.streaming import StreamingReference
 from timar_sdk.model.timar import Timar
 from timar_sdk.runtime.bundle import Bundle, BundleError, write_manifest
-from timar_sdk.runtime.rng import PhiloxNormal
+from timar_sdk.runtime.model import Model
 from timar_sdk.runtime.session import Session
 
 
@@ -67,7 +66,7 @@ def test_audio_encoder_and_denoiser_match_torch(tiny, batch, name):
 
 
 @pytest.mark.parametrize("history", ["masked", "feedback"])
-def test_bundle_loop_reproduces_torch_streaming_reference(tiny, history):
+def test_bundle_reproduces_the_torch_model_turn_by_turn(tiny, history):
     model, bundle = tiny
     w = model.cfg.context_turns
     turns = 2 * w + 3
@@ -76,12 +75,24 @@ def test_bundle_loop_reproduces_torch_streaming_reference(tiny, history):
     aa = rng.standard_normal((turns, 16000)).astype(np.float32) * 0.2
     um = rng.standard_normal((turns, 25, 56)).astype(np.float32) * 0.3
     session = Session(bundle, backend="onnxruntime", seed=11, history=history)
-    reference = StreamingReference(model, PhiloxNormal(11), history=history)
+    reference = Session(Model.from_torch(model), seed=11, history=history)
     for i in range(turns):
         user_motion = None if i % 4 == 3 else um[i]
         got = session.step(ua[i], user_motion, aa[i])
         want = reference.step(ua[i], user_motion, aa[i])
         assert np.abs(got - want).max() < 1e-3, f"turn {i}"
+
+
+def test_in_memory_bundle_has_the_exported_manifest(tiny):
+    """Model.from_torch runs the manifest export writes (the graph entries aside), and no files."""
+    model, bundle = tiny
+    in_memory = Model.from_torch(model).bundle
+    written = json.loads((bundle / "manifest.json").read_text())
+    assert {k for k in written if written[k] != in_memory[k]} <= {"created_at", "graphs", "source_weights"}
+    with pytest.raises(ValueError, match="made in memory.*runs with 'torch'"):
+        Model(in_memory, backend="onnxruntime")
+    with pytest.raises(ValueError, match="MLP head"):
+        Model.from_torch(Timar(preset("tiny", head="mlp")))
 
 
 def test_manifest_is_plain_json_with_the_contract(tiny):

@@ -1,15 +1,18 @@
-"""The foundation's core checks: the cache equals the band-masked full forward, the turn mask,
-the respaced schedule and one sampling step against independent float64 formulas."""
+"""The foundation's core checks: the runtime's loop on the torch model (its KV cache) equals the
+band-masked full forward, the turn mask, the respaced schedule and one sampling step against
+independent float64 formulas."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import RngNoise
 from timar_sdk.model.config import preset
-from timar_sdk.model.streaming import FullForwardReference, StreamingReference
+from timar_sdk.model.full_forward import full_forward_motion
 from timar_sdk.model.timar import Timar, band_turn_index
+from timar_sdk.runtime.model import Model
+from timar_sdk.runtime.rng import PhiloxNormal
+from timar_sdk.runtime.session import Session
 from timar_sdk.sampler import cosine_alphas_cumprod, posterior, respaced_schedule, respaced_timesteps
 
 W = 3   # small context so 2W+3 turns stay fast
@@ -30,68 +33,66 @@ def random_model(history="masked", **kw) -> Timar:
 
 
 def conversation(turns, seed=1):
+    """user audio [T, S], user motion (every third turn None: untracked), agent audio [T, S]."""
     rng = np.random.default_rng(seed)
     ua = rng.standard_normal((turns, 16000)).astype(np.float32) * 0.3
     aa = rng.standard_normal((turns, 16000)).astype(np.float32) * 0.3
     um = rng.standard_normal((turns, 25, 56)).astype(np.float32) * 0.2
-    return ua, um, aa
+    return ua, [None if i % 3 == 2 else um[i] for i in range(turns)], aa
 
 
-def run(gen, turns, seed=1, drop_user_motion_every=3):
-    ua, um, aa = conversation(turns, seed)
-    return np.stack([gen.step(ua[i], None if i % drop_user_motion_every == 2 else um[i], aa[i])
-                     for i in range(turns)])
+def cached(session: Session, turns: int) -> np.ndarray:
+    """[T, F, 56]: the conversation turn by turn through the session (the KV cache)."""
+    ua, um, aa = conversation(turns)
+    return np.stack([session.step(ua[i], um[i], aa[i]) for i in range(turns)])
+
+
+def full_forward(model: Timar, turns: int, seed: int, **settings) -> np.ndarray:
+    """[T, F, 56]: the same conversation and noise, every turn recomputed without a cache."""
+    return full_forward_motion(model, *conversation(turns), PhiloxNormal(seed), **settings)
 
 
 @pytest.mark.parametrize("history", ["masked", "feedback"])
 @pytest.mark.parametrize("turns", [1, W - 1, W, 2 * W + 3])
-def test_streaming_cache_equals_full_forward(history, turns):
+def test_session_cache_equals_full_forward(history, turns):
     model = random_model(history)
-    cached = run(StreamingReference(model, RngNoise(7)), turns)
-    full = run(FullForwardReference(model, RngNoise(7)), turns)
-    assert np.abs(cached - full).max() < 1e-4
+    got = cached(Session(Model.from_torch(model), seed=7), turns)
+    assert np.abs(got - full_forward(model, turns, 7, history=history)).max() < 1e-4
 
 
 @pytest.mark.parametrize("cfg", [2.0])
-def test_streaming_cache_equals_full_forward_with_guidance(cfg):
+def test_session_cache_equals_full_forward_with_guidance(cfg):
     model = random_model("feedback")
-    cached = run(StreamingReference(model, RngNoise(3), cfg=cfg), 2 * W + 3)
-    full = run(FullForwardReference(model, RngNoise(3), cfg=cfg), 2 * W + 3)
-    assert np.abs(cached - full).max() < 1e-4
+    got = cached(Session(Model.from_torch(model), seed=3, cfg=cfg), 2 * W + 3)
+    assert np.abs(got - full_forward(model, 2 * W + 3, 3, history="feedback", cfg=cfg)).max() < 1e-4
 
 
 def test_history_matters():
-    """The equality above would hold trivially if past turns had no influence: check they do."""
-    model = random_model()
-    ua, um, aa = conversation(W + 1)
-    with_history = StreamingReference(model, RngNoise(7))
-    for i in range(W):
-        with_history.step(ua[i], um[i], aa[i])
-    fresh = StreamingReference(model, RngNoise(9))
-    with_history.noise = RngNoise(9)          # both sample the last turn with the same noise
-    a = with_history.step(ua[W], um[W], aa[W])
-    b = fresh.step(ua[W], um[W], aa[W])
-    assert np.abs(a - b).max() > 1e-3
+    """The equality above would hold trivially if past turns had no influence: the same last turn
+    with the same noise after another past must give other motion."""
+    model = Model.from_torch(random_model())
+    last = [x[W] for x in conversation(W + 1)]
+    motion = []
+    for past in (conversation(W), conversation(W, seed=2)):
+        session = Session(model, seed=7)
+        for turn in zip(*past):
+            session.step(*turn)
+        motion.append(session.step(*last))
+    assert np.abs(motion[0] - motion[1]).max() > 1e-3
 
 
 def test_broken_cache_is_detected():
-    """A cache that drops a turn (here: never commits the newest turn) must break equality."""
+    """A cache that drops a turn (here: every other turn's keys/values are never written) must
+    break equality."""
     model = random_model()
-    turns = 2 * W + 3
+    session = Session(Model.from_torch(model), seed=7)
+    commit, writes = session.backend.commit, []
 
-    class DroppingCache(StreamingReference):
-        def step(self, *args):
-            kv, ring = self.kv.clone(), self.ring
-            out = super().step(*args)
-            if len(self.seen) % 2:               # every other turn is lost
-                self.kv, self.ring = kv, ring
-            self.seen.append(1)
-            return out
-
-    broken = DroppingCache(model, RngNoise(7))
-    broken.seen = []
-    full = run(FullForwardReference(model, RngNoise(7)), turns)
-    assert np.abs(run(broken, turns) - full).max() > 1e-3
+    def dropping(cache, present, slot):
+        writes.append(slot)
+        return cache if len(writes) % 2 else commit(cache, present, slot)
+    session.backend.commit = dropping
+    assert np.abs(cached(session, 2 * W + 3) - full_forward(model, 2 * W + 3, 7)).max() > 1e-3
 
 
 def test_turn_mask_matches_brute_force():

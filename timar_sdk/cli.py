@@ -218,8 +218,8 @@ def output_file(path: Path, option: str):
 @click.option("--no-smoothing", is_flag=True,
               help="The exact model output, without the bundle's default smoothing.")
 @click.option("--demo", is_flag=True, help="Make a synthetic conversation and run it (no inputs needed).")
-@click.option("--demo-seconds", default=20.0, show_default=True, type=click.FloatRange(min=1.0, max=600.0),
-              help="Length of the --demo conversation.")
+@click.option("--demo-seconds", default=20.0, show_default=True, type=click.FloatRange(min=1.0, max=30.0),
+              help="Length of the --demo conversation (the shipped one is 30 s).")
 def run_cmd(bundle, user_audio, user_motion, agent_audio, out, backend, seed, steps, cfg, temperature, no_smoothing,
             demo, demo_seconds):
     """Generate the agent's head motion for a recorded conversation, or run the demo.

@@ -9,8 +9,13 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
-from timar_sdk.data.synthetic import generate_conversation
 from timar_sdk.layout import JAW
+
+DEMO_CONVERSATION = Path(__file__).resolve().parent / "assets" / "demo_conversation"
+DEMO_SECONDS = 30.0
+SHIPPED_MODEL = "package:tiny_synthetic.pt"
+SHIPPED_MODEL_NOTE = ("model: the shipped demo model (tiny, 5 M parameters), trained on speech-like synthetic "
+                      "conversations (TTS voices); on real recorded speech see EVALUATION.md for what to expect")
 
 
 def audio_level_per_frame(audio: np.ndarray, sample_rate: int, fps: int) -> np.ndarray:
@@ -20,7 +25,23 @@ def audio_level_per_frame(audio: np.ndarray, sample_rate: int, fps: int) -> np.n
     return np.sqrt((audio[:n * hop].reshape(n, hop) ** 2).mean(1)).astype(np.float32)
 
 
-def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> Iterator[str]:
+def demo_conversation(seconds: float = DEMO_SECONDS) -> dict[str, np.ndarray]:
+    """The shipped demo conversation (scripts/make_demo_conversation.py: speech-like synthetic
+    TTS speakers, a seed no training split uses), its first `seconds` (at most 30): `audio1`
+    (the agent) and `audio2` (the user), float32 [samples] at 16 kHz, and `motion1` (the agent's
+    synthetic ground truth) and `motion2` (the user's), float32 [frames, 56] at 25 fps."""
+    if not 0 < seconds <= DEMO_SECONDS:
+        raise ValueError(f"seconds: expected 0 < seconds <= {DEMO_SECONDS:g} (the demo conversation's length), "
+                         f"got {seconds}")
+    samples, frames = int(seconds * 16000), int(seconds * 25)
+    d = DEMO_CONVERSATION
+    return {"audio1": sf.read(d / "agent.flac", dtype="float32")[0][:samples],
+            "audio2": sf.read(d / "user.flac", dtype="float32")[0][:samples],
+            "motion1": np.load(d / "agent_motion_synthetic_truth.npy")[:frames],
+            "motion2": np.load(d / "user_motion.npy")[:frames]}
+
+
+def run_demo(session, out_dir: Path, seconds: float = 20.0) -> Iterator[str]:
     """Run the demo into `out_dir`, yielding a line for each file written or step skipped (an
     optional package that is missing skips the plot or the video and says how to install it)."""
     from timar_sdk.conversation import align_inputs, run_conversation
@@ -28,7 +49,9 @@ def run_demo(session, out_dir: Path, seconds: float = 20.0, seed: int = 7) -> It
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sr, fps = session.info["sample_rate"], session.info["fps"]
-    conv = generate_conversation(seconds, seed)   # speaker 1 is the agent, speaker 2 the user
+    if session.bundle.manifest.get("source_checkpoint") == SHIPPED_MODEL:
+        yield SHIPPED_MODEL_NOTE
+    conv = demo_conversation(seconds)             # speaker 1 is the agent, speaker 2 the user
     sf.write(out_dir / "agent.wav", conv["audio1"], sr, subtype="FLOAT")
     sf.write(out_dir / "user.wav", conv["audio2"], sr, subtype="FLOAT")
     np.save(out_dir / "user_motion.npy", conv["motion2"])

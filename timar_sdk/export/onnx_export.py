@@ -10,13 +10,12 @@ token_embed (one turn -> tokens [B, P, D]), window_encoder (tokens [B, N, D] -> 
 denoiser.
 
 Opset 17 (LayerNormalization), constants folded, static shapes except the batch axis (and the
-window graph's token axis).
+window graph's token axis). The manifests come from timar_sdk.export.manifest.
 """
 from __future__ import annotations
 
 import io
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,14 @@ import onnx
 import torch
 from torch import nn
 
-import timar_sdk
+from timar_sdk.export.manifest import build_manifest, build_window_manifest, check_streamable
 from timar_sdk.export.op_support import check_ops
-from timar_sdk.layout import (EXP, JAW, MOTION_DIM, MOTION_NAMES, NECK, SPECIAL_TOKENS,
-                              special_token_positions, turn_layout)
 from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
                                     cache_input_names, example_inputs, graph_modules, window_example_inputs,
                                     window_graph_modules)
 from timar_sdk.model.timar import Timar
-from timar_sdk.runtime.bundle import GENERATOR, SCHEMA_VERSION, sha256_of, validate_manifest, write_manifest
+from timar_sdk.runtime.bundle import sha256_of, validate_manifest, write_manifest
+
 
 def _dynamic_axes(name: str, layers: int = 0) -> dict[str, dict[int, str]]:
     if name == "denoiser":
@@ -83,63 +81,11 @@ def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onn
             for name, module in graph_modules(model.eval()).items()}
 
 
-def _common_manifest(cfg, model_info: dict, source: str, ema: bool, motion_mean, motion_std,
-                     alphas_cumprod, graphs: dict) -> dict:
-    """The parts of a manifest that every kind of bundle has (docs/DESIGN.md section 3)."""
-    lay = turn_layout(cfg.frames_per_turn)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "format": "timar-bundle",
-        "created_by": f"timar-sdk {timar_sdk.__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_checkpoint": source,
-        "source_weights": "ema" if ema else "model",
-        "model": model_info,
-        "fps": cfg.fps, "sample_rate": cfg.sample_rate,
-        "frames_per_turn": cfg.frames_per_turn, "samples_per_turn": cfg.sample_rate * cfg.frames_per_turn // cfg.fps,
-        "motion_dim": MOTION_DIM,
-        "motion_layout": {"names": MOTION_NAMES, "exp": [EXP.start, EXP.stop],
-                          "jaw": [JAW.start, JAW.stop], "neck": [NECK.start, NECK.stop]},
-        "turn_layout": {"tokens_per_turn": cfg.tokens_per_turn, "special_tokens": list(SPECIAL_TOKENS),
-                        "special_token_positions": special_token_positions(cfg.frames_per_turn),
-                        **{k: list(v) for k, v in lay.items()}},
-        "context_turns": cfg.context_turns,
-        "motion_mean": motion_mean.tolist(), "motion_std": motion_std.tolist(),
-        "diffusion": {"num_train_steps": len(alphas_cumprod), "prediction": "x0",
-                      "variance": "learned_range", "schedule": "cosine",
-                      # The float64 schedule itself, not the model's float32 buffer: float32 keeps
-                      # only ~3 digits of 1 - alpha_bar near t = 0 (issue 13, item 12).
-                      "alphas_cumprod": alphas_cumprod.tolist()},
-        "generator": GENERATOR,
-        "graphs": graphs,
-        "engines": [],
-    }
-
-
-def build_manifest(model: Timar, graphs: dict[str, dict], source: str, ema: bool = True) -> dict:
-    c = model.cfg
-    return {
-        **_common_manifest(c, {**c.to_dict(), "num_params": model.num_params()}, source, ema,
-                           model.motion_mean, model.motion_std, model.head.schedule, graphs),
-        "attention": "cached",
-        "history": c.history,
-        "cache": {"layers": c.depth, "heads": c.heads, "head_dim": c.head_dim,
-                  "slots": c.context_turns - 1, "tokens_per_slot": c.tokens_per_turn,
-                  "empty_age": c.context_turns,
-                  "past_key_values_shape": [c.depth, 2, "batch", c.heads, c.cache_tokens, c.head_dim],
-                  "past_key_values_inputs": cache_input_names(c.depth)},
-        "sampling": {"steps": c.steps, "temperature": c.temperature, "cfg": c.cfg},
-    }
-
-
 def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int = 1,
                   source: str = "", ema: bool = True) -> dict:
     """Write the three graphs and manifest.json into out_dir (replacing an older bundle there).
     Returns the manifest. `batch` is the batch size used for tracing (the axis stays dynamic)."""
-    if model.cfg.head != "diffusion":
-        raise ValueError("model: only diffusion-head models export (the MLP head is a training ablation)")
-    if model.cfg.attention != "band":
-        raise ValueError("model: full-attention models cannot stream with a cache; export needs attention='band'")
+    check_streamable(model)
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
     model = model.eval().cpu()
@@ -178,27 +124,13 @@ def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: st
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
     model = model.eval().cpu()
-    c = model.cfg
     inputs = window_example_inputs(model)
     axes = {"audio_encoder": _dynamic_axes("audio_encoder"), "denoiser": _dynamic_axes("denoiser"),
             "token_embed": {**{n: {0: "batch"} for n in TOKEN_INPUTS}, "tokens": {0: "batch"}},
             "window_encoder": {"tokens": {0: "batch", 1: "window_tokens"}, "z": {0: "batch"}}}
     protos = {name: trace_graph(module, inputs[name], WINDOW_GRAPH_OUTPUTS[name], axes[name], opset)
               for name, module in window_graph_modules(model).items()}
-
-    def manifest(graphs):
-        info = {**c.to_dict(), "family": "authors-encoder-only", "attention": "turn_causal",
-                "num_params": model.num_params()}
-        return {
-            **_common_manifest(c, info, source, ema, model.motion_mean, model.motion_std,
-                               model.head.schedule, graphs),
-            "attention": "window_recompute",
-            "history": "masked",
-            "window": {"tokens_per_turn": c.tokens_per_turn, "max_turns": c.context_turns, "token_dim": c.width},
-            "audio_normalization": {"mode": "running", "eps": 1e-7},
-            "sampling": {"steps": c.steps, "temperature": 1.0, "cfg": 1.0},
-        }
-    return _write_bundle(out_dir, protos, manifest)
+    return _write_bundle(out_dir, protos, lambda graphs: build_window_manifest(model, graphs, source, ema))
 
 
 def ort_vs_torch(bundle_dir: str | Path, model: Timar, name: str,

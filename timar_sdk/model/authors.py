@@ -27,14 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from timar_sdk.audio import RunningNorm
 from timar_sdk.layout import MOTION_DIM, tokens_per_turn, turn_layout
 from timar_sdk.model.audio_encoder import Wav2Vec2Encoder
 from timar_sdk.model.checkpoint import load_weights_only
 from timar_sdk.model.config import TimarConfig
-from timar_sdk.model.diffusion import LN_EPS, DiffusionHead, numpy_denoiser
+from timar_sdk.model.diffusion import LN_EPS, DiffusionHead
 from timar_sdk.model.timar import MASK_BIAS, Block
-from timar_sdk.sampler import NoiseSource, respaced_schedule, sample_turn
 
 # Their factories (model/timar.py): encoder-only models stack encoder_depth + decoder_depth blocks.
 AUTHORS_PRESETS = {"timar_base": (768, 24, 12), "timar_large": (1024, 32, 16), "timar_huge": (1280, 40, 16)}
@@ -145,43 +143,6 @@ class WindowTimar(nn.Module):
 
     def denormalize(self, motion: torch.Tensor) -> torch.Tensor:
         return motion * self.motion_std + self.motion_mean
-
-
-class WindowReference:
-    """The authors' per-turn procedure in torch, turn by turn: their `sample()` with
-    --mask_history_agent and one MAR iteration. Audio normalised with running statistics (as the
-    runtime does), the last W-1 turns' tokens + this turn's through forward_window, the shared
-    numpy sampler with noise from `noise` (DESIGN.md 4.1 order). The runtime is tested against it.
-
-    `step(user_audio [S], user_motion [F, 56] | None, agent_audio [S]) -> agent motion [F, 56]`.
-    """
-
-    def __init__(self, model: WindowTimar, noise: NoiseSource, steps: int | None = None,
-                 temperature: float = 1.0, cfg: float = 1.0):
-        self.model, self.noise = model.eval(), noise
-        # The float64 schedule, as the manifest holds it (the head's buffer is float32).
-        self.sched = respaced_schedule(model.head.schedule, steps or model.cfg.steps)
-        self.temperature, self.cfg = temperature, float(cfg)
-        self.past: list[torch.Tensor] = []                 # [1, P, D] per past turn, oldest first
-        self.norms = (RunningNorm(), RunningNorm())
-
-    @torch.no_grad()
-    def step(self, user_audio, user_motion, agent_audio) -> np.ndarray:
-        m, f = self.model, self.model.cfg.frames_per_turn
-        self.norms = (self.norms[0].update(user_audio), self.norms[1].update(agent_audio))
-        wav = np.stack([self.norms[0].apply(user_audio), self.norms[1].apply(agent_audio)])
-        feats = m.audio_encoder(torch.from_numpy(wav))                                # [2, F, Ds]
-        raw = np.zeros((f, MOTION_DIM), np.float32) if user_motion is None else user_motion
-        motion = m.normalize(torch.as_tensor(raw, dtype=torch.float32))
-        r = 1 if self.cfg == 1.0 else 2
-        tokens = m.embed_turn(feats[0:1].expand(r, -1, -1), motion[None].expand(r, -1, -1),
-                              feats[1:2].expand(r, -1, -1), torch.tensor([0.0, 1.0][:r]))
-        window = torch.cat([p.expand(r, -1, -1) for p in self.past] + [tokens], dim=1)
-        z = m.forward_window(window)
-        x = sample_turn(numpy_denoiser(m.head.net), z.reshape(-1, z.shape[-1]).numpy(), self.noise,
-                        self.sched, self.temperature, self.cfg)
-        self.past = (self.past + [tokens[:1]])[-(m.cfg.context_turns - 1):]
-        return m.denormalize(torch.from_numpy(x)).numpy()
 
 
 # ---- the authors' checkpoint ------------------------------------------------------------------

@@ -126,8 +126,10 @@ class OrtBackend(HostCacheBackend):
 
 
 class TorchBackend(HostCacheBackend):
-    """The training-time nn.Module run through the same loop: the reference for the others.
-    Loads the checkpoint the bundle was exported from (needs the train extra)."""
+    """The torch modules that export traces (timar_sdk.model.graphs), run through the same loop:
+    the reference for the other backends. It runs the modules of a bundle made in memory
+    (`Model.from_torch`), or loads the checkpoint a bundle folder was exported from (both need
+    the train extra)."""
 
     name = "torch"
 
@@ -136,25 +138,11 @@ class TorchBackend(HostCacheBackend):
             import torch
         except ImportError:
             raise ValueError("backend: 'torch' needs PyTorch: pip install -e '.[train]' in the timar-sdk checkout") from None
-        src = bundle.manifest.get("source_checkpoint", "")
-        path = resolve_checkpoint(src, bundle.dir)
-        if path is None:
-            raise ValueError(f"backend: 'torch' needs the checkpoint this bundle was exported from "
-                             f"({src or 'not recorded'}), which is not there")
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
-        ema = bundle.manifest.get("source_weights", "ema") == "ema"
-        if bundle["attention"] == "window_recompute":
-            from timar_sdk.model.authors import load_authors_model
-            from timar_sdk.model.graphs import window_graph_modules
-            stats = (bundle.motion_mean, bundle.motion_std) if bundle["model"].get("do_norm") else None
-            model = load_authors_model(path, bundle["model"].get("wav2vec2_path"), ema=ema, motion_stats=stats)
-            self.graphs = window_graph_modules(model)
-        else:
-            from timar_sdk.model.checkpoint import load_model
-            from timar_sdk.model.graphs import graph_modules
-            self.graphs = graph_modules(load_model(path, ema=ema))
+        self.graphs = bundle.modules if bundle.modules is not None else _checkpoint_modules(bundle)
+        if bundle["attention"] == "cached":
             self._init_cache(bundle)
         self.providers = ["torch-cpu"]
         self.device = "cpu"
@@ -182,6 +170,25 @@ class TorchBackend(HostCacheBackend):
         return self._run("denoiser", x, t, z)
 
 
+def _checkpoint_modules(bundle: Bundle) -> dict:
+    """The graphs' torch modules of the checkpoint a bundle folder was exported from."""
+    from timar_sdk.model.graphs import graph_modules, window_graph_modules
+
+    src = bundle.manifest.get("source_checkpoint", "")
+    path = resolve_checkpoint(src, bundle.dir)
+    if path is None:
+        raise ValueError(f"backend: 'torch' needs the checkpoint this bundle was exported from "
+                         f"({src or 'not recorded'}), which is not there")
+    ema = bundle.manifest.get("source_weights", "ema") == "ema"
+    if bundle["attention"] == "window_recompute":
+        from timar_sdk.model.authors import load_authors_model
+        stats = (bundle.motion_mean, bundle.motion_std) if bundle["model"].get("do_norm") else None
+        model = load_authors_model(path, bundle["model"].get("wav2vec2_path"), ema=ema, motion_stats=stats)
+        return window_graph_modules(model)
+    from timar_sdk.model.checkpoint import load_model
+    return graph_modules(load_model(path, ema=ema))
+
+
 def resolve_checkpoint(source: str, bundle_dir: Path) -> Path | None:
     """A manifest's source_checkpoint as a path: 'package:<file>' names a file shipped in
     timar_sdk/assets; a relative path is relative to the bundle."""
@@ -202,6 +209,9 @@ def make_backend(name: str, bundle: Bundle, threads: int | None = None, spin: bo
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "torch":
         return TorchBackend(bundle, threads)
+    if bundle.modules is not None:
+        raise ValueError(f"backend: {name!r} runs bundle folders; this bundle was made in memory from a torch "
+                         f"model (Model.from_torch) and runs with 'torch'")
     if name == "tensorrt" and bundle["attention"] != "cached":
         raise ValueError("backend: 'tensorrt' runs cached bundles only; this window_recompute bundle "
                          "(an authors' checkpoint) runs with 'onnxruntime' or 'torch'")

@@ -127,7 +127,10 @@ def sha256_of(path: Path) -> str:
 
 
 class Bundle:
-    """A validated bundle folder. `manifest` is the parsed manifest.json, `id` its sha256."""
+    """A validated bundle folder. `manifest` is the parsed manifest.json, `id` its sha256.
+    `modules` is None, except in a bundle made in memory (`in_memory`)."""
+
+    modules: dict | None = None
 
     def __init__(self, directory: str | os.PathLike | None = None, verify_hashes: bool = True):
         self.dir = Path(directory) if directory is not None else DEFAULT_BUNDLE
@@ -157,6 +160,18 @@ class Bundle:
         for i, entry in enumerate(self.manifest["engines"]):   # refused here, hashed when used
             for name, f in entry["files"].items():
                 self.file_path(f["file"], f"engines[{i}].files.{name}.file")
+
+    @classmethod
+    def in_memory(cls, manifest: dict, modules: dict) -> "Bundle":
+        """A bundle with no folder (`Model.from_torch`): a manifest built in memory and, standing
+        for its graph files, the torch modules `modules` (graph name -> module). Only the torch
+        backend runs it. The manifest's numbers are checked; the schema is not, as it requires
+        the graph files."""
+        check_consistency(manifest, "manifest (in memory)")
+        bundle = cls.__new__(cls)
+        bundle.dir, bundle.manifest, bundle.modules = None, manifest, modules
+        bundle.id = hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+        return bundle
 
     def file_path(self, name: str, field: str) -> Path:
         """`name` from the manifest as a path inside the bundle folder; anything that would leave

@@ -2,6 +2,7 @@
 
     model = timar_sdk.Model()                        # the shipped bundle, loaded once
     a, b = timar_sdk.Session(model, seed=1), timar_sdk.Session(model, seed=2)
+    reference = timar_sdk.Session(timar_sdk.Model.from_torch(torch_model), seed=1)   # unexported
 
 A Model holds only what does not change while it serves conversations: the validated bundle,
 the backend's loaded graphs and the motion statistics. Each Session holds its own conversation
@@ -65,6 +66,17 @@ class Model:
         self.motion_mean, self.motion_std = self.bundle.motion_mean, self.bundle.motion_std
         self.backend = make_backend(backend, self.bundle, threads, spin)
         self.load_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_torch(cls, module, threads: int | None = None) -> "Model":
+        """A Model over an in-memory torch model (a `timar_sdk.model.timar.Timar`, or the authors'
+        `timar_sdk.model.authors.WindowTimar`), on the torch backend (CPU), without exporting it:
+        `Session(Model.from_torch(model), seed=...)` is the torch reference the exported bundle
+        must reproduce. Its manifest is the one export would write (no graph files). Needs the
+        train extra; raises ValueError for a model that cannot stream (an MLP head, full attention).
+        """
+        from timar_sdk.export.manifest import in_memory_bundle
+        return cls(in_memory_bundle(module), backend="torch", threads=threads)
 
     @property
     def info(self) -> dict:
