@@ -1,7 +1,8 @@
 """The native runtime (runtime/): the C ABI tests (one model shared by many sessions included:
 batched turns equal each session alone), and the C++ runtime, the C# (Unity) bindings under Mono
 (one head, and two heads sharing one model through its native worker) and the C++ example each
-give the Python Session's motion for the same conversation;
+give the Python Session's motion for the same conversation (also with output smoothing: custom,
+direct and batched, and a bundle's manifest defaults);
 the C++ runtime also on a window_recompute bundle (the authors' models: token window + running
 audio normalisation). Through ctypes, the C ABI on tampered bundles (files outside the folder,
 manifest.sha256, the manifest's numbers) and on graphs rewritten to emit Inf/NaN (a turn that
@@ -119,11 +120,11 @@ def conversation(tmp_path_factory):
 _reference: dict = {}
 
 
-def python_motion(bundle, conv, cfg, with_motion, history=None, seed=SEED):
+def python_motion(bundle, conv, cfg, with_motion, history=None, seed=SEED, smoothing=None):
     """The Python Session's motion (onnxruntime backend): all whole turns fed, then flush."""
-    key = (str(bundle), str(conv["dir"]), cfg, with_motion, history, seed)
+    key = (str(bundle), str(conv["dir"]), cfg, with_motion, history, seed, repr(smoothing))
     if key not in _reference:
-        s = Session(bundle, backend="onnxruntime", seed=seed, cfg=cfg, history=history)
+        s = Session(bundle, backend="onnxruntime", seed=seed, cfg=cfg, history=history, smoothing=smoothing)
         fed = s.feed(user_audio=conv["ua"], user_motion=conv["um"] if with_motion else None, agent_audio=conv["aa"])
         _reference[key] = np.concatenate([fed, s.flush()])
     return _reference[key]
@@ -283,15 +284,21 @@ def csharp_two_heads(build, tmp_path_factory) -> Path:
     return _csharp_program(tmp_path_factory, "TwoHeadsTest")
 
 
-@pytest.mark.parametrize("cfg,with_motion", [(1.0, True), (1.0, False), (2.0, True), (2.0, False)])
-def test_csharp_bindings_equal_python(build, csharp_test, bundle, conversation, tmp_path, cfg, with_motion):
+SMOOTHING = {"expression": 0.12, "jaw": 0.04, "neck": 0.3}
+
+
+@pytest.mark.parametrize("cfg,with_motion,smoothing", [(1.0, True, None), (1.0, False, SMOOTHING), (2.0, True, None),
+                                                       (2.0, False, None)])
+def test_csharp_bindings_equal_python(build, csharp_test, bundle, conversation, tmp_path, cfg, with_motion, smoothing):
+    """The conversation fed in pieces, then flushed; one case with custom output smoothing."""
     d = conversation["dir"]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{build}:{ORT_ROOT / 'lib'}"}
+    taus = ",".join(str(smoothing[r]) for r in REGIONS) if smoothing else "-"
     out = _run(["mono", csharp_test, bundle, d / "ua.f32", d / "aa.f32", d / "um.f32" if with_motion else "-",
-                SEED, cfg, 1024, tmp_path / "m.f32"], env=env)
+                SEED, cfg, 1024, tmp_path / "m.f32", taus], env=env)
     assert " 0 failed" in out, out
     got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
-    want = python_motion(bundle, conversation, cfg, with_motion)
+    want = python_motion(bundle, conversation, cfg, with_motion, smoothing=smoothing)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < TOL
 
@@ -300,7 +307,7 @@ def test_csharp_bindings_on_window_bundle(build, csharp_test, window_bundle, win
     d = window_conversation["dir"]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{build}:{ORT_ROOT / 'lib'}"}
     out = _run(["mono", csharp_test, window_bundle, d / "ua.f32", d / "aa.f32", d / "um.f32", SEED, 2.0, 1024,
-                tmp_path / "m.f32"], env=env)
+                tmp_path / "m.f32", "-"], env=env)
     assert " 0 failed" in out, out
     got = np.fromfile(tmp_path / "m.f32", np.float32).reshape(-1, 56)
     want = python_motion(window_bundle, window_conversation, 2.0, True)
@@ -373,11 +380,22 @@ def test_c_abi_under_address_sanitizer(request, bundle, bad_bundle, kind):
 
 
 # ---- the C ABI in process (ctypes): tampered bundles, numeric guard -------------------------
+REGIONS = ("expression", "jaw", "neck")
+_SMOOTHING_FIELDS = [("smoothing", ctypes.c_int32)] + [(f"smoothing_{r}", ctypes.c_double) for r in REGIONS]
+TIMAR_SMOOTHING_OFF, TIMAR_SMOOTHING_CUSTOM = 1, 2
+
+
 class _Options(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_uint32), ("seed", ctypes.c_uint64),
                 ("temperature", ctypes.c_double), ("cfg", ctypes.c_double), ("history", ctypes.c_int32),
                 ("threads", ctypes.c_int32), ("context_turns", ctypes.c_int32), ("backend", ctypes.c_int32),
-                ("verify_hashes", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+                ("verify_hashes", ctypes.c_int32), ("device_id", ctypes.c_int32)] + _SMOOTHING_FIELDS
+
+
+class _SessionOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_uint32), ("seed", ctypes.c_uint64),
+                ("temperature", ctypes.c_double), ("cfg", ctypes.c_double), ("history", ctypes.c_int32),
+                ("context_turns", ctypes.c_int32)] + _SMOOTHING_FIELDS
 
 
 class _Info(ctypes.Structure):
@@ -385,7 +403,18 @@ class _Info(ctypes.Structure):
         "fps", "sample_rate", "frames_per_turn", "samples_per_turn", "motion_dim", "context_turns", "steps",
         "history", "backend")] + [("temperature", ctypes.c_double), ("cfg", ctypes.c_double),
                                   ("seed", ctypes.c_uint64), ("turns", ctypes.c_uint64)] + [
-        (n, ctypes.c_int32) for n in ("exp_begin", "exp_end", "jaw_begin", "jaw_end", "neck_begin", "neck_end")]
+        (n, ctypes.c_int32) for n in ("exp_begin", "exp_end", "jaw_begin", "jaw_end", "neck_begin", "neck_end")] + [
+        (f"smoothing_{r}", ctypes.c_double) for r in REGIONS]
+
+
+def _set_smoothing(options, smoothing) -> None:
+    """Python's smoothing argument in C options: None the bundle's, False off, a dict custom."""
+    if smoothing is False:
+        options.smoothing = TIMAR_SMOOTHING_OFF
+    elif smoothing is not None:
+        options.smoothing = TIMAR_SMOOTHING_CUSTOM
+        for region, tau in smoothing.items():
+            setattr(options, f"smoothing_{region}", tau)
 
 
 class _ModelOptions(ctypes.Structure):
@@ -417,7 +446,9 @@ class CApi:
         lib.timar_model_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(_ModelOptions),
                                            ctypes.POINTER(ctypes.c_void_p)]
         lib.timar_model_destroy.argtypes = [ctypes.c_void_p]
-        lib.timar_session_create_from_model.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.timar_model_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Info)]
+        lib.timar_session_create_from_model.argtypes = [ctypes.c_void_p, ctypes.POINTER(_SessionOptions),
+                                                        ctypes.POINTER(ctypes.c_void_p)]
         lib.timar_session_accept.argtypes = [ctypes.c_void_p, _F32P, ctypes.c_size_t, _F32P, ctypes.c_size_t, _F32P,
                                              ctypes.c_size_t, _SIZEP]
         lib.timar_model_run_ready.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _SIZEP, _SIZEP]
@@ -427,10 +458,11 @@ class CApi:
     def error(self) -> str:
         return self.lib.timar_last_error().decode("utf-8", "replace")
 
-    def create(self, bundle: Path) -> tuple[int, ctypes.c_void_p | None]:
+    def create(self, bundle: Path, smoothing=None) -> tuple[int, ctypes.c_void_p | None]:
         o = _Options()
         self.lib.timar_options_init(ctypes.byref(o))
         o.seed, o.threads, o.backend = SEED, 1, 1   # TIMAR_BACKEND_ORT_CPU
+        _set_smoothing(o, smoothing)
         s = ctypes.c_void_p()
         status = self.lib.timar_session_create(str(bundle).encode(), ctypes.byref(o), ctypes.byref(s))
         return status, (s if status == 0 else None)
@@ -449,10 +481,14 @@ class CApi:
         assert self.lib.timar_model_create(str(bundle).encode(), ctypes.byref(o), ctypes.byref(m)) == 0, self.error()
         return m
 
-    def session_of(self, model) -> ctypes.c_void_p:
-        """A session of `model` with the default options (seed 0, the bundle's sampling)."""
+    def session_of(self, model, seed: int = 0, smoothing=None) -> ctypes.c_void_p:
+        """A session of `model` with the bundle's sampling settings."""
+        o = _SessionOptions()
+        self.lib.timar_session_options_init(ctypes.byref(o))
+        o.seed = seed
+        _set_smoothing(o, smoothing)
         s = ctypes.c_void_p()
-        assert self.lib.timar_session_create_from_model(model, None, ctypes.byref(s)) == 0, self.error()
+        assert self.lib.timar_session_create_from_model(model, ctypes.byref(o), ctypes.byref(s)) == 0, self.error()
         return s
 
     def accept(self, s, ua: np.ndarray, um: np.ndarray | None, aa: np.ndarray) -> int:
@@ -472,10 +508,17 @@ class CApi:
         status = self.lib.timar_session_poll_motion(s, _ptr(out), 25, ctypes.byref(frames), ctypes.byref(turn), None)
         return status, turn.value, out[:frames.value]
 
-    def turns(self, s) -> int:
+    def info(self, s) -> _Info:
         info = _Info(struct_size=ctypes.sizeof(_Info))
         assert self.lib.timar_session_info(s, ctypes.byref(info)) == 0, self.error()
-        return info.turns
+        return info
+
+    def turns(self, s) -> int:
+        return self.info(s).turns
+
+    def smoothing(self, s) -> dict:
+        """The time constants timar_session_info reports."""
+        return {r: getattr(self.info(s), f"smoothing_{r}") for r in REGIONS}
 
     def state(self, s) -> bytes:
         n = ctypes.c_size_t()
@@ -591,6 +634,11 @@ MANIFEST_CASES = {
     "cfg_default": (_set("sampling.cfg", -1.0), "sampling.cfg: expected"),
     "steps_default": (_set("sampling.steps", 5000), "sampling.steps: expected"),
     "schema_version": (_set("schema_version", 1), "than this runtime reads (2)"),
+    "smoothing_negative": (_set("smoothing", {"jaw": -0.1}), "smoothing.jaw: expected a time constant"),
+    "smoothing_too_long": (_set("smoothing", {"neck": 2.5}), "smoothing.neck: expected a time constant"),
+    "smoothing_not_a_number": (_set("smoothing", {"expression": "0.1"}), "smoothing.expression: expected"),
+    "smoothing_unknown_region": (_set("smoothing", {"mouth": 0.1}), "smoothing: expected only the keys"),
+    "smoothing_not_an_object": (_set("smoothing", 0.1), "smoothing: expected false or an object"),
 }
 
 
@@ -735,6 +783,86 @@ def test_non_finite_turn_fails_only_its_session_in_a_batch(capi, bundle_copy, tm
         capi.lib.timar_model_destroy(model)   # before its sessions: they keep the graphs
         for s in (tracked, untracked, alone):
             capi.lib.timar_session_destroy(s)
+
+
+# ---- output smoothing ---------------------------------------------------------------------------
+def _turns(conv, n: int, with_motion: bool = True):
+    """The first n turns of a conversation: (user audio, user motion or None, agent audio) per turn."""
+    return [(conv["ua"][t * 16000:(t + 1) * 16000], conv["um"][t * 25:(t + 1) * 25] if with_motion else None,
+             conv["aa"][t * 16000:(t + 1) * 16000]) for t in range(n)]
+
+
+def _python_turns(bundle, conv, n: int, smoothing=None) -> np.ndarray:
+    s = Session(bundle, backend="onnxruntime", seed=SEED, smoothing=smoothing)
+    return np.concatenate([s.step(*turn) for turn in _turns(conv, n)])
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = np.abs(got - want).max(axis=1)
+    assert err.max() < TOL, f"{what}: frame {int(err.argmax())} (turn {int(err.argmax()) // 25}) differs by {err.max():.2e}"
+
+
+def test_smoothing_equals_python_direct_and_batched(capi, bundle, conversation):
+    """Custom smoothing over four turns (the filter carries across the turn boundaries): timar_step
+    and the batched accept/run_ready/poll path each equal the Python Session with that smoothing;
+    the unsmoothed motion differs from it by far more than the tolerance."""
+    n = 4
+    want = _python_turns(bundle, conversation, n, SMOOTHING)
+    assert np.abs(want - _python_turns(bundle, conversation, n, False)).max() > 20 * TOL
+
+    status, direct = capi.create(bundle, SMOOTHING)
+    assert status == 0, capi.error()
+    model = capi.create_model(bundle)
+    batched = capi.session_of(model, seed=SEED, smoothing=SMOOTHING)
+    try:
+        assert capi.smoothing(direct) == capi.smoothing(batched) == SMOOTHING
+        steps, polled = [], []
+        for ua, um, aa in _turns(conversation, n):
+            status, frames = capi.step(direct, ua, um, aa)
+            assert status == 0, capi.error()
+            steps.append(frames)
+            assert capi.accept(batched, ua, um, aa) == 1
+            assert capi.run_ready(model)[0] == 1
+            status, turn, frames = capi.poll(batched)
+            assert status == 0 and turn == len(polled), capi.error()
+            polled.append(frames)
+        _assert_close(np.concatenate(steps), want, "timar_step")
+        _assert_close(np.concatenate(polled), want, "accept/run_ready/poll")
+    finally:
+        capi.lib.timar_session_destroy(direct)
+        capi.lib.timar_session_destroy(batched)
+        capi.lib.timar_model_destroy(model)
+
+
+def test_bundle_smoothing_defaults(capi, bundle_copy, conversation, tmp_path):
+    """A bundle whose manifest sets smoothing defaults is smoothed by default, in C++ and in Python
+    alike (timar_session_info and timar_model_info report them); TIMAR_SMOOTHING_OFF gives the
+    exact model output, as Python's smoothing=False."""
+    smoothed = _tampered(bundle_copy, tmp_path / "smoothed", _set("smoothing", SMOOTHING))
+    n = 2
+    for smoothing in (None, False):
+        want = _python_turns(smoothed, conversation, n, smoothing)
+        status, s = capi.create(smoothed, smoothing)
+        assert status == 0, capi.error()
+        try:
+            assert capi.smoothing(s) == (SMOOTHING if smoothing is None else dict.fromkeys(REGIONS, 0.0))
+            got = []
+            for turn in _turns(conversation, n):
+                status, frames = capi.step(s, *turn)
+                assert status == 0, capi.error()
+                got.append(frames)
+            _assert_close(np.concatenate(got), want, f"smoothing={smoothing}")
+        finally:
+            capi.lib.timar_session_destroy(s)
+    assert np.array_equal(_python_turns(smoothed, conversation, n, False), _python_turns(bundle_copy, conversation, n))
+    model = capi.create_model(smoothed)
+    try:
+        info = _Info(struct_size=ctypes.sizeof(_Info))
+        assert capi.lib.timar_model_info(model, ctypes.byref(info)) == 0, capi.error()
+        assert {r: getattr(info, f"smoothing_{r}") for r in REGIONS} == SMOOTHING
+    finally:
+        capi.lib.timar_model_destroy(model)
 
 
 # ---- the C++ example's command line ------------------------------------------------------------

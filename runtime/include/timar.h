@@ -133,6 +133,22 @@ typedef enum timar_history {
   TIMAR_HISTORY_FEEDBACK = 2
 } timar_history;
 
+/* Output smoothing (timar_sdk/runtime/smoothing.py): a causal one-pole low-pass filter per
+ * motion region (expression 0..49, jaw 50..52, neck 53..55), each with its time constant tau in
+ * seconds. Per dimension, in float32, with a = (float)(1 - exp(-1 / (fps * tau))):
+ *     y[t] = y[t-1] + a * (x[t] - y[t-1])
+ * and y[t] = x[t] exactly where tau = 0 (that region is not smoothed). The first frame after
+ * create or reset passes through unchanged; after that the filter's state (the last output
+ * frame) carries across turns, so a turn boundary is invisible, and it is part of the state
+ * blob. It runs on every committed turn, in every path (step, feed, flush, accept/poll). The
+ * filter delays a region by about tau. */
+typedef enum timar_smoothing {
+  TIMAR_SMOOTHING_DEFAULT = 0,      /* the bundle's (manifest "smoothing"; none if it has none) */
+  TIMAR_SMOOTHING_OFF = 1,          /* the exact model output                               */
+  TIMAR_SMOOTHING_CUSTOM = 2        /* the smoothing_expression/_jaw/_neck time constants   */
+} timar_smoothing;
+#define TIMAR_SMOOTHING_MAX_SECONDS 2.0
+
 /* Settings of timar_session_create (a session with a private model): the model's and the
  * session's below in one struct. Always fill with timar_options_init() first, then change fields. */
 typedef struct timar_options {
@@ -149,6 +165,12 @@ typedef struct timar_options {
   int32_t backend;        /* timar_backend                                                   */
   int32_t verify_hashes;  /* nonzero (default): check every file's sha256 against the manifest */
   int32_t device_id;      /* GPU index for CUDA / TensorRT (>= 0)                            */
+  int32_t smoothing;      /* timar_smoothing                                                 */
+  double smoothing_expression;  /* TIMAR_SMOOTHING_CUSTOM: tau of each region in seconds,
+                                   0..TIMAR_SMOOTHING_MAX_SECONDS, 0 = that region not
+                                   smoothed; must stay 0 with the other modes              */
+  double smoothing_jaw;
+  double smoothing_neck;
 } timar_options;
 
 /* Model settings: what loads the graphs, shared by every session of the model. Always fill with
@@ -175,6 +197,10 @@ typedef struct timar_session_options {
   double cfg;             /* NaN = the bundle's default                                      */
   int32_t history;        /* timar_history                                                   */
   int32_t context_turns;  /* -1 = all (W-1)                                                  */
+  int32_t smoothing;      /* timar_smoothing                                                 */
+  double smoothing_expression;  /* TIMAR_SMOOTHING_CUSTOM only: seconds, as in timar_options */
+  double smoothing_jaw;
+  double smoothing_neck;
 } timar_session_options;
 
 /* What a session runs; filled by timar_session_info() (timar_model_info(): the bundle's
@@ -197,6 +223,9 @@ typedef struct timar_info {
   int32_t exp_begin, exp_end;    /* motion layout: expression [begin, end)                    */
   int32_t jaw_begin, jaw_end;    /* jaw pose                                                  */
   int32_t neck_begin, neck_end;  /* neck / global pose                                        */
+  double smoothing_expression;   /* the output smoothing in effect: tau of each region in      */
+  double smoothing_jaw;          /* seconds, 0 = not smoothed (timar_model_info: the bundle's  */
+  double smoothing_neck;         /* defaults)                                                  */
 } timar_info;
 
 typedef struct timar_model timar_model;       /* opaque */
@@ -305,7 +334,9 @@ TIMAR_API timar_status timar_flush(timar_session* session, float* out_motion,
 /* Snapshot (cache and ring ages, or for window_recompute bundles the past turns' tokens and the
  * audio statistics; generator counter, turn count, stream buffers) as an opaque byte blob, to
  * fork or restore later on a session of the same bundle (manifest digest) and settings (seed,
- * steps, temperature, cfg, history, context_turns).
+ * steps, temperature, cfg, history, context_turns, smoothing); it holds the smoothing filter's
+ * last output frame too. Blobs of older runtimes (ABI 1 and the first ABI 2 builds: state
+ * format 1, before smoothing) still load, as snapshots taken with smoothing off.
  * Call with buffer NULL to get the size in *out_size; the size changes as buffers fill.
  * timar_set_state checks the whole blob before it changes anything (size, header, bundle,
  * settings, a valid ring state, finite cache/tokens and buffers) and applies all of it or

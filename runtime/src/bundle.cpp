@@ -254,6 +254,26 @@ void read_window(const Reader& r, const json& m, Bundle& b) {
   if (!(b.audio_norm_eps >= 0)) throw BundleError(r.where + ": audio_normalization.eps must be >= 0");
 }
 
+// The optional defaults of the output smoothing: {"expression": tau, "jaw": tau, "neck": tau} in
+// seconds, a region left out not smoothed; absent or false: none (as timar_sdk.runtime.smoothing).
+void read_smoothing(const Reader& r, const json& m, Bundle& b) {
+  if (!m.contains("smoothing")) return;
+  const json& v = m.at("smoothing");
+  if (v.is_boolean() && !v.get<bool>()) return;
+  if (!v.is_object())
+    r.fail("smoothing", "false or an object of time constants in seconds for expression, jaw, neck", v.dump());
+  for (auto it = v.begin(); it != v.end(); ++it) {
+    size_t region = 0;
+    while (region < 3 && it.key() != kSmoothingRegions[region].name) ++region;
+    if (region == 3) r.fail("smoothing", "only the keys expression, jaw, neck", "'" + it.key() + "'");
+    const json& tau = it.value();
+    if (!tau.is_number() || !valid_tau(tau.get<double>()))
+      r.fail("smoothing." + it.key(), "a time constant in seconds in [0, " + num(kSmoothingMaxSeconds) + "]",
+             tau.dump());
+    b.smoothing.seconds[region] = tau.get<double>();
+  }
+}
+
 }  // namespace
 
 void Bundle::verify_engine_set(const EngineSet& set) const {
@@ -368,6 +388,7 @@ Bundle load_bundle(const std::string& dir, bool verify_hashes) {
   if (!(b.default_temperature >= 0 && b.default_temperature <= kTemperatureMax))
     r.fail("sampling.temperature", "a number in 0.." + num(kTemperatureMax), num(b.default_temperature));
   if (!(b.default_cfg >= 0 && b.default_cfg <= kCfgMax)) r.fail("sampling.cfg", "a number in 0.." + num(kCfgMax), num(b.default_cfg));
+  read_smoothing(r, m, b);
 
   const json& graphs = r.at(m, "graphs", "graphs");
   for (const char* name : b.graph_names()) {

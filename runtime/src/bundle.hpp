@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "smoothing.hpp"
+
 namespace timar {
 
 // Ranges of the sampling settings (the manifest's defaults and the session options alike), as
@@ -55,6 +57,7 @@ struct Bundle {
   int default_steps = 5;
   double default_temperature = 1.0, default_cfg = 1.0;
   std::string generator;
+  SmoothingTaus smoothing;        // the output smoothing's defaults (manifest "smoothing"; absent: off)
   int exp_range[2] = {0, 50}, jaw_range[2] = {50, 53}, neck_range[2] = {53, 56};
   std::map<std::string, std::string> graph_file, graph_sha256;   // name -> path / digest
   std::vector<EngineSet> engines;

@@ -104,6 +104,10 @@ timar_session_options session_part(const timar_options& o) {
   s.cfg = o.cfg;
   s.history = o.history;
   s.context_turns = o.context_turns;
+  s.smoothing = o.smoothing;
+  s.smoothing_expression = o.smoothing_expression;
+  s.smoothing_jaw = o.smoothing_jaw;
+  s.smoothing_neck = o.smoothing_neck;
   return s;
 }
 
@@ -160,6 +164,7 @@ void timar_options_init(timar_options* o) {
   o->backend = TIMAR_BACKEND_AUTO;
   o->verify_hashes = 1;
   o->device_id = 0;
+  o->smoothing = TIMAR_SMOOTHING_DEFAULT;   // the custom time constants stay 0
 }
 
 void timar_model_options_init(timar_model_options* o) {
@@ -183,6 +188,7 @@ void timar_session_options_init(timar_session_options* o) {
   o->cfg = NAN;
   o->history = TIMAR_HISTORY_DEFAULT;
   o->context_turns = -1;
+  o->smoothing = TIMAR_SMOOTHING_DEFAULT;   // the custom time constants stay 0
 }
 
 // ---- model ------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ void Model::info(timar_info* out) const {
   out->jaw_end = b.jaw_range[1];
   out->neck_begin = b.neck_range[0];
   out->neck_end = b.neck_range[1];
+  out->smoothing_expression = b.smoothing.seconds[0];
+  out->smoothing_jaw = b.smoothing.seconds[1];
+  out->smoothing_neck = b.smoothing.seconds[2];
 }
 
 void Model::add_session(const std::weak_ptr<Session>& session) {

@@ -57,6 +57,28 @@ void check_capacity(const float* out, size_t cap, size_t need) {
                                                 std::to_string(need) + " frames");
 }
 
+// The smoothing in effect: the bundle's, none, or the custom time constants (checked).
+SmoothingTaus smoothing_taus(const Bundle& b, const timar_session_options& o) {
+  if (o.smoothing < TIMAR_SMOOTHING_DEFAULT || o.smoothing > TIMAR_SMOOTHING_CUSTOM)
+    throw Error(TIMAR_ERR_INVALID_ARGUMENT, "smoothing: expected TIMAR_SMOOTHING_DEFAULT, _OFF or _CUSTOM, got " +
+                                                std::to_string(o.smoothing));
+  const double given[3] = {o.smoothing_expression, o.smoothing_jaw, o.smoothing_neck};
+  SmoothingTaus custom;
+  for (size_t r = 0; r < 3; ++r) {
+    const std::string field = std::string("smoothing_") + kSmoothingRegions[r].name;
+    if (o.smoothing != TIMAR_SMOOTHING_CUSTOM && given[r] != 0.0)   // NaN included
+      throw Error(TIMAR_ERR_INVALID_ARGUMENT, field + ": " + num(given[r]) + " is read only with smoothing = "
+                                              "TIMAR_SMOOTHING_CUSTOM; set smoothing, or leave " + field + " 0");
+    if (!valid_tau(given[r]))
+      throw Error(TIMAR_ERR_INVALID_ARGUMENT, field + ": expected a time constant in seconds in 0.." +
+                                                  num(kSmoothingMaxSeconds) + " (0 = not smoothed), got " +
+                                                  num(given[r]));
+    custom.seconds[r] = given[r];
+  }
+  if (o.smoothing == TIMAR_SMOOTHING_DEFAULT) return b.smoothing;
+  return custom;   // all 0 with TIMAR_SMOOTHING_OFF
+}
+
 }  // namespace
 
 TurnSettings session_settings(const Bundle& b, const timar_session_options& o) {
@@ -92,6 +114,7 @@ TurnSettings session_settings(const Bundle& b, const timar_session_options& o) {
   s.visible = o.context_turns;
   s.rows = s.cfg == 1.0 ? 1 : 2;
   s.schedule = make_schedule(b.alphas_cumprod, respaced_timesteps(s.steps, T));
+  s.smoothing = SmoothingFilter(smoothing_taus(b, o), b.fps);
   return s;
 }
 
@@ -128,6 +151,10 @@ void Session::info(timar_info* out) const {
   out->temperature = settings_.temperature;
   out->cfg = settings_.cfg;
   out->seed = seed_;
+  const SmoothingTaus& taus = settings_.smoothing.taus();
+  out->smoothing_expression = taus.seconds[0];
+  out->smoothing_jaw = taus.seconds[1];
+  out->smoothing_neck = taus.seconds[2];
   std::lock_guard<std::mutex> lock(turn_mutex_);
   out->turns = turns_;
 }
@@ -150,6 +177,7 @@ void Session::reset_locked() {
   last_um_.fill(0.0f);
   turns_ = 0;
   dropped_turns_ = 0;
+  smoothed_ = SmoothingState();
   chunks_.clear();
 }
 
@@ -250,6 +278,8 @@ void Session::commit_turn(const TurnJob& job, Workspace& ws) {
       ages_[size_t(slot)] = 1;
     }
   }
+  // The motion becomes final here: the smoothing filter's state moves only with committed turns.
+  settings_.smoothing.apply(job.motion, size_t(bundle_.frames), smoothed_);
   noise_ = job.noise;
   ++turns_;
 }
@@ -366,6 +396,7 @@ void Session::run_buffered(size_t turns, bool pad, float* out, size_t out_frames
   if (window_ && turns >= 2) win0 = win_;
   const PhiloxNormal noise0 = noise_;
   const uint64_t turns0 = turns_;
+  const SmoothingState smoothed0 = smoothed_;
   std::vector<std::pair<int, std::vector<float>>> undo;
   // Turn t of a buffer of `have` values, `per` a turn: in place when whole, else copied to
   // `scratch` and completed with `fill` (zeros, or repeats of the last motion frame).
@@ -394,6 +425,7 @@ void Session::run_buffered(size_t turns, bool pad, float* out, size_t out_frames
     if (window_ && turns >= 2) win_.swap(win0);
     noise_ = noise0;
     turns_ = turns0;
+    smoothed_ = smoothed0;
     throw;
   }
 }
@@ -501,24 +533,29 @@ void Session::finish_taken_turn(TakenTurn& turn, Workspace& ws) {
 // ---- state blob -----------------------------------------------------------------------------
 // Two layouts (native endianness), told apart by their magic, so a snapshot never loads into a
 // session of the other attention kind: cached "TIMARST2", window_recompute "TIMARSW2".
-//   header: char[8] magic, u32 format (1), char[64] bundle id (sha256 of manifest.json), then the
+//   header: char[8] magic, u32 format (2), char[64] bundle id (sha256 of manifest.json), then the
 //     settings: u64 seed, u32 steps, u32 history (1 = feedback), f64 temperature, f64 cfg,
-//     i32 context_turns (-1 = all);
+//     i32 context_turns (-1 = all), f64 smoothing time constants [3] (expression, jaw, neck;
+//     those in effect, 0 = not smoothed);
 //   cached: u32 slots, i32 ages[slots];
 //   window: u32 W-1, u32 P, u32 D, u32 past turns n, u64 count + f64 sum + f64 sum_sq of the
 //     user's audio statistics, then the agent's;
 //   stream: u64 counter_lo, u64 counter_hi, u64 turns, u32 tracked, f32 last user motion
-//     frame[56], u64 n_user_audio, u64 n_agent_audio, u64 n_user_motion_floats, u64 tail floats,
-//     then the floats: user audio, agent audio, user motion, and the tail: the cache (cached) or
+//     frame[56], u32 smoothed (1: the smoothing filter has run since create/reset), f32 its last
+//     output frame[56] (zeros when not), u64 n_user_audio, u64 n_agent_audio,
+//     u64 n_user_motion_floats, u64 tail floats, then the floats: user audio, agent audio, user motion, and the tail: the cache (cached) or
 //     the past turns' tokens [n, P, D] oldest first (window).
 // set_state reads and checks all of it before anything in the session changes.
 namespace {
 const char kMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'T', '2'};
 const char kWindowMagic[8] = {'T', 'I', 'M', 'A', 'R', 'S', 'W', '2'};
-constexpr size_t kHeaderBytes = 8 + 4 + 64 + 8 + 4 + 4 + 8 + 8 + 4;
-constexpr size_t kStreamBytes = 8 * 3 + 4 + 4 * 56 + 8 * 4;
-// The layout's version (1: the layout above; ABI 1 wrote its ABI version, also 1, here).
-constexpr uint32_t kStateFormat = 1;
+constexpr size_t kHeaderBytes = 8 + 4 + 64 + 8 + 4 + 4 + 8 + 8 + 4 + 8 * 3;
+constexpr size_t kStreamBytes = 8 * 3 + 4 + 4 * 56 + 4 + 4 * 56 + 8 * 4;
+// The layout's version: 2 is the layout above. Format 1 (ABI 1, which wrote its ABI version, also
+// 1, here, and the first ABI 2 builds) lacks the smoothing time constants and the smoothing
+// state; it still loads, as a snapshot taken with smoothing off.
+constexpr uint32_t kStateFormat = 2;
+constexpr uint32_t kStateFormatBeforeSmoothing = 1;
 
 [[noreturn]] void bad_state(const std::string& what) { throw Error(TIMAR_ERR_STATE, "state: " + what); }
 }  // namespace
@@ -540,6 +577,7 @@ struct StateWriter {
 struct StateReader {
   const uint8_t* p;
   size_t n, off = 0;
+  uint32_t format = kStateFormat;   // the blob's, once its header is read
   void raw(void* out, size_t k) {
     if (n - off < k) bad_state("truncated blob (not from timar_get_state?)");
     std::memcpy(out, p + off, k);
@@ -560,22 +598,36 @@ struct StateReader {
   }
 };
 
-namespace {
 // The stream part of a blob, read and checked before anything in the session changes.
 struct StreamState {
   uint64_t lo = 0, hi = 0, turns = 0;
   bool tracked = false;
   std::array<float, 56> last{};
+  SmoothingState smoothed;
   std::vector<float> ua, aa, um, tail;
 };
 
-StreamState read_stream(StateReader& r, uint64_t tail_floats) {
+namespace {
+// smoothing_on: the session smooths its output, so after a turn the filter must have a last frame.
+StreamState read_stream(StateReader& r, uint64_t tail_floats, bool smoothing_on) {
   StreamState st;
   st.lo = r.get<uint64_t>();
   st.hi = r.get<uint64_t>();
   st.turns = r.get<uint64_t>();
   const uint32_t tracked = r.get<uint32_t>();
   r.raw(st.last.data(), sizeof(float) * 56);
+  uint32_t smoothed = 0;
+  if (r.format != kStateFormatBeforeSmoothing) {
+    smoothed = r.get<uint32_t>();
+    r.raw(st.smoothed.last.data(), sizeof(float) * 56);
+  }
+  if (smoothed > 1 || (smoothed == 1) != (smoothing_on && st.turns > 0))
+    bad_state("the smoothing filter's state does not match " + std::to_string(st.turns) + " turns with smoothing " +
+              (smoothing_on ? "on" : "off") + " (corrupt blob)");
+  st.smoothed.started = smoothed == 1;
+  if (!st.smoothed.started) st.smoothed.last.fill(0.0f);
+  if (!all_finite(st.smoothed.last.data(), 56))
+    bad_state("the smoothing filter's last frame holds NaN or Inf (corrupt blob)");
   const uint64_t nua = r.get<uint64_t>(), naa = r.get<uint64_t>(), num_ = r.get<uint64_t>(), nt = r.get<uint64_t>();
   if (tracked > 1 || num_ % 56 || nt != tail_floats) bad_state("corrupt header");
   const uint64_t rest = r.n - r.off;
@@ -623,6 +675,7 @@ void Session::put_header(StateWriter& w) const {
   w.put<double>(settings_.temperature);
   w.put<double>(settings_.cfg);
   w.put<int32_t>(settings_.visible);
+  for (double tau : settings_.smoothing.taus().seconds) w.put<double>(tau);
 }
 
 // Magic, ABI, bundle and settings; a blob of other settings is refused naming the setting.
@@ -637,7 +690,12 @@ void Session::check_header(StateReader& r) const {
   if (window != window_)
     bad_state(window ? "a snapshot of a window_recompute session (an authors' model); this session runs a cached bundle"
                      : "a snapshot of a cached session; this session runs a window_recompute bundle (an authors' model)");
-  if (r.get<uint32_t>() != kStateFormat) bad_state("of another format version");
+  const uint32_t format = r.get<uint32_t>();
+  if (format != kStateFormat && format != kStateFormatBeforeSmoothing)
+    bad_state("state format " + std::to_string(format) + " of another timar runtime (this one reads formats " +
+              std::to_string(kStateFormatBeforeSmoothing) + " and " + std::to_string(kStateFormat) +
+              "); take the snapshot again with this runtime");
+  r.format = format;
   char id[64];
   r.raw(id, 64);
   if (bundle_.id.size() != 64 || std::memcmp(id, bundle_.id.data(), 64) != 0)
@@ -663,6 +721,11 @@ void Session::check_header(StateReader& r) const {
   const int32_t context = r.get<int32_t>();
   if (context != settings_.visible)
     differs("context_turns", context_name(context), context_name(settings_.visible));
+  SmoothingTaus smoothing;   // format 1: taken before smoothing existed, so without it
+  if (r.format != kStateFormatBeforeSmoothing)
+    for (double& tau : smoothing.seconds) tau = r.get<double>();
+  if (smoothing != settings_.smoothing.taus())
+    differs("smoothing", smoothing.describe(), settings_.smoothing.taus().describe());
 }
 
 void Session::put_stream(StateWriter& w, uint64_t tail_floats) const {
@@ -671,6 +734,8 @@ void Session::put_stream(StateWriter& w, uint64_t tail_floats) const {
   w.put<uint64_t>(turns_);
   w.put<uint32_t>(tracked_ ? 1 : 0);
   w.raw(last_um_.data(), sizeof(float) * 56);
+  w.put<uint32_t>(smoothed_.started ? 1 : 0);
+  w.raw(smoothed_.last.data(), sizeof(float) * 56);
   w.put<uint64_t>(buf_ua_.size());
   w.put<uint64_t>(buf_aa_.size());
   w.put<uint64_t>(buf_um_.size());
@@ -764,7 +829,7 @@ void Session::set_cached_state(StateReader& r) {
   if (slots != ages_.size()) bad_state("slot count differs from this bundle's");
   std::vector<int> ages(slots);
   for (int& a : ages) a = r.get<int32_t>();
-  StreamState st = read_stream(r, cache_->floats());
+  StreamState st = read_stream(r, cache_->floats(), settings_.smoothing.on());
   check_counter(st.lo, st.hi, st.turns);
   // A valid ring: after n turns the m = min(n, slots) filled slots hold the ages 1..m once
   // each, and the empty ones the empty age W.
@@ -783,13 +848,7 @@ void Session::set_cached_state(StateReader& r) {
   // Everything checked: apply (only the cache upload can fail, and it goes first).
   cache_->from_host(st.tail.data());
   ages_.swap(ages);
-  noise_ = PhiloxNormal(seed_, st.lo, st.hi);
-  turns_ = st.turns;
-  tracked_ = st.tracked;
-  last_um_ = st.last;
-  buf_ua_.swap(st.ua);
-  buf_aa_.swap(st.aa);
-  buf_um_.swap(st.um);
+  apply_stream(st);
 }
 
 void Session::set_window_state(StateReader& r) {
@@ -800,7 +859,7 @@ void Session::set_window_state(StateReader& r) {
   TokenWindow win;
   win.user = r.norm();
   win.agent = r.norm();
-  StreamState st = read_stream(r, uint64_t(n) * turn_token_floats());
+  StreamState st = read_stream(r, uint64_t(n) * turn_token_floats(), settings_.smoothing.on());
   check_counter(st.lo, st.hi, st.turns);
   const uint64_t S = uint64_t(bundle_.samples);
   if (n != std::min<uint64_t>(st.turns, cap) || st.turns > UINT64_MAX / S || win.user.count != st.turns * S ||
@@ -811,8 +870,13 @@ void Session::set_window_state(StateReader& r) {
   win.oldest = 0;
   win.count = int(n);
   win_.swap(win);
+  apply_stream(st);
+}
+
+void Session::apply_stream(StreamState& st) {
   noise_ = PhiloxNormal(seed_, st.lo, st.hi);
   turns_ = st.turns;
+  smoothed_ = st.smoothed;
   tracked_ = st.tracked;
   last_um_ = st.last;
   buf_ua_.swap(st.ua);

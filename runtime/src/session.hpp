@@ -1,6 +1,7 @@
 // A session: one conversation streamed through a shared Model, as timar_sdk/runtime/session.py.
 // It holds only per-conversation state: the KV cache or token window, the ring ages, the
-// generator, the input buffers and the queue of motion not yet polled.
+// generator, the output smoothing's last frame, the input buffers and the queue of motion not yet
+// polled.
 //
 // Locking: turn_mutex_ guards the conversation and is held by a direct call (step, feed, flush,
 // reset, state) or by a batch that runs this session's turn; io_mutex_ guards the buffers and
@@ -48,6 +49,7 @@ struct MotionChunk {
 
 struct StateWriter;
 struct StateReader;
+struct StreamState;
 
 class Session {
  public:
@@ -132,6 +134,8 @@ class Session {
   std::vector<uint8_t> get_window_state() const;
   void set_cached_state(StateReader& r);
   void set_window_state(StateReader& r);
+  // The checked stream part of a blob into the session (swaps its buffers out of st).
+  void apply_stream(StreamState& st);
   void check_counter(uint64_t lo, uint64_t hi, uint64_t turns) const;
   void check_audio(const float* a, size_t n, const char* name, bool exact) const;
   void check_motion(const float* m, size_t frames, const char* name, bool exact) const;
@@ -152,6 +156,7 @@ class Session {
   PhiloxNormal noise_;
   uint64_t turns_ = 0;
   uint64_t dropped_turns_ = 0;       // turns whose input a failed batched turn dropped (media time)
+  SmoothingState smoothed_;          // the output smoothing's last frame
   // Input and output (io_mutex_).
   std::vector<float> buf_ua_, buf_aa_, buf_um_;
   bool tracked_ = false;                 // user motion was fed since the last reset

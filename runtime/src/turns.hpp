@@ -16,6 +16,7 @@
 #include "bundle.hpp"
 #include "philox.hpp"
 #include "sampler.hpp"
+#include "smoothing.hpp"
 #include "timar.h"
 
 namespace timar {
@@ -55,6 +56,7 @@ struct TurnSettings {
   int visible = -1;        // context_turns: past turns kept visible (-1: all)
   int rows = 1;            // 1, or 2 with classifier-free guidance (cfg != 1)
   Schedule schedule;
+  SmoothingFilter smoothing;   // of the output; the session runs it on commit (its state is the session's)
 };
 
 // One session's turn inside a batch: what it reads and, once run, what the session commits.

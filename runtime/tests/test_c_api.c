@@ -6,9 +6,10 @@
  * a message that names the argument, and the session left exactly as it was: NULLs, lengths,
  * NaN, values beyond TIMAR_AUDIO_LIMIT / TIMAR_MOTION_LIMIT, sizes that overflow, options out
  * of range), state blobs (settings, corruption, all or nothing), reset, feed == step, flush of
- * several buffered turns; one model shared by many sessions: turns batched across sessions equal
- * each session alone, one session's failure stays its own, accept runs no inference, the model's
- * worker, and destroying the model before its sessions. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
+ * several buffered turns, all of these also with the output smoothing on (its state is reset,
+ * carried in blobs and rolled back with a failed call); one model shared by many sessions: turns
+ * batched across sessions equal each session alone, one session's failure stays its own, accept
+ * runs no inference, the model's worker, and destroying the model before its sessions. BUNDLE_DIR may be a cached or a window_recompute bundle; with a bundle
  * of the other attention kind, a state blob of one kind must be refused by the other, and only
  * the window bundle refuses feedback history and TensorRT. Ends with "N passed, N failed".
  * Run under AddressSanitizer in CI. */
@@ -51,6 +52,11 @@ static float frand(float scale) {
   g_lcg = g_lcg * 1664525u + 1013904223u;
   return scale * (2.0f * (float)(g_lcg >> 8) / 16777216.0f - 1.0f);
 }
+
+/* The tests' custom output smoothing, on a timar_options or timar_session_options. */
+#define SET_TEST_SMOOTHING(o)                                                                          \
+  ((o).smoothing = TIMAR_SMOOTHING_CUSTOM, (o).smoothing_expression = 0.12, (o).smoothing_jaw = 0.04, \
+   (o).smoothing_neck = 0.3)
 
 static float max_abs_diff(const float* a, const float* b, size_t n) {
   float m = 0.0f;
@@ -98,7 +104,9 @@ static void test_library(void) {
   CHECK(strlen(timar_version()) > 0, "version string");
   CHECK(strstr(timar_build_info(), "onnxruntime") != NULL, "build info: %s", timar_build_info());
   timar_options_init(&o);
-  CHECK(o.struct_size == sizeof(timar_options) && isnan(o.cfg) && o.verify_hashes == 1 && o.context_turns == -1,
+  CHECK(o.struct_size == sizeof(timar_options) && isnan(o.cfg) && o.verify_hashes == 1 && o.context_turns == -1 &&
+            o.smoothing == TIMAR_SMOOTHING_DEFAULT && o.smoothing_expression == 0.0 && o.smoothing_jaw == 0.0 &&
+            o.smoothing_neck == 0.0,
         "options_init defaults");
   {
     int16_t pcm[3] = {-32768, 0, 16384};
@@ -163,12 +171,36 @@ static void test_create_errors(const char* bundle, const char* bad_bundle) {
   timar_options_init(&o);
   o.context_turns = 99;
   expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "context_turns", "context_turns");
+  timar_options_init(&o);
+  o.smoothing = 3;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "smoothing: expected",
+               "smoothing mode 3");
+  timar_options_init(&o);
+  SET_TEST_SMOOTHING(o);
+  o.smoothing_jaw = NAN;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "smoothing_jaw: expected",
+               "smoothing NaN");
+  SET_TEST_SMOOTHING(o);
+  o.smoothing_expression = -0.1;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "smoothing_expression: expected",
+               "smoothing negative");
+  SET_TEST_SMOOTHING(o);
+  o.smoothing_neck = 2.5;
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT,
+               "smoothing_neck: expected a time constant in seconds in 0..2", "smoothing 2.5 s");
+  timar_options_init(&o);
+  o.smoothing_jaw = 0.1; /* without TIMAR_SMOOTHING_CUSTOM it would be ignored: refused instead */
+  expect_error(timar_session_create(bundle, &o, &s), TIMAR_ERR_INVALID_ARGUMENT, "TIMAR_SMOOTHING_CUSTOM",
+               "smoothing time constant without the custom mode");
+  CHECK(strstr(timar_last_error(), "smoothing_jaw") != NULL, "names smoothing_jaw: %s", timar_last_error());
+  CHECK(s == NULL, "no session with bad smoothing");
   timar_session_destroy(NULL); /* allowed */
 }
 
 enum { TURNS = 3 };
 
-static timar_session* open_session(const char* bundle, double cfg) {
+/* A session of seed 7; `smoothed`: with the tests' custom output smoothing. */
+static timar_session* open_session_with(const char* bundle, double cfg, int smoothed) {
   timar_options o;
   timar_session* s = NULL;
   timar_status st;
@@ -177,12 +209,15 @@ static timar_session* open_session(const char* bundle, double cfg) {
   o.cfg = cfg;
   o.threads = 1;
   o.backend = TIMAR_BACKEND_ORT_CPU;
+  if (smoothed) SET_TEST_SMOOTHING(o);
   st = timar_session_create(bundle, &o, &s);
   CHECK(st == TIMAR_OK && s, "create: %s", timar_last_error());
   return s;
 }
 
-static void test_session(const char* bundle, double cfg) {
+static timar_session* open_session(const char* bundle, double cfg) { return open_session_with(bundle, cfg, 0); }
+
+static void test_session(const char* bundle, double cfg, int smoothed) {
   timar_info info;
   timar_session *ref, *s;
   size_t S, F, M, i, n, state_size;
@@ -190,8 +225,8 @@ static void test_session(const char* bundle, double cfg) {
   void* state;
   int t;
 
-  ref = open_session(bundle, cfg);
-  s = open_session(bundle, cfg);
+  ref = open_session_with(bundle, cfg, smoothed);
+  s = open_session_with(bundle, cfg, smoothed);
   if (!ref || !s) return;
   info.struct_size = sizeof info;
   CHECK(timar_session_info(s, &info) == TIMAR_OK, "info: %s", timar_last_error());
@@ -199,6 +234,9 @@ static void test_session(const char* bundle, double cfg) {
             info.motion_dim == TIMAR_MOTION_DIM && info.backend == TIMAR_BACKEND_ORT_CPU && info.cfg == cfg &&
             info.jaw_begin == 50 && info.neck_end == 56,
         "info fields");
+  CHECK(smoothed ? info.smoothing_expression == 0.12 && info.smoothing_jaw == 0.04 && info.smoothing_neck == 0.3
+                 : info.smoothing_expression == 0.0 && info.smoothing_jaw == 0.0 && info.smoothing_neck == 0.0,
+        "info: smoothing %g %g %g", info.smoothing_expression, info.smoothing_jaw, info.smoothing_neck);
   CHECK(strcmp(timar_session_backend_name(s), "onnxruntime-cpu") == 0, "backend name %s", timar_session_backend_name(s));
   info.struct_size = 4;
   expect_error(timar_session_info(s, &info), TIMAR_ERR_INVALID_ARGUMENT, "struct_size", "info struct_size");
@@ -332,7 +370,7 @@ static void test_session(const char* bundle, double cfg) {
   /* feed in pieces (the 2nd turn untracked is not possible once motion was fed, so a fresh
      session feeds turn 0 with motion, the rest via step) and flush of nothing. */
   {
-    timar_session* f = open_session(bundle, cfg);
+    timar_session* f = open_session_with(bundle, cfg, smoothed);
     size_t pos = 0, frames = 0, total = 0, mpos = 0;
     while (pos < S) {
       size_t chunk = pos + 3000 <= S ? 3000 : S - pos;
@@ -365,7 +403,8 @@ static void test_session(const char* bundle, double cfg) {
 }
 
 /* A backend failure in the second of two turns completed by one feed call: the first turn's
- * commit is rolled back, nothing is buffered, and the same feed afterwards gives a clean run. */
+ * commit is rolled back (the output smoothing's state too), nothing is buffered, and the same
+ * feed afterwards gives a clean run. */
 static void test_feed_rollback(const char* bundle) {
   const size_t S = 16000, F = 25, M = F * TIMAR_MOTION_DIM;
   timar_session *ref, *s;
@@ -375,11 +414,11 @@ static void test_feed_rollback(const char* bundle) {
   timar_info info;
   for (i = 0; i < 2 * S; ++i) ua[i] = frand(0.3f);
   for (i = 0; i < 2 * S; ++i) aa[i] = frand(0.3f);
-  ref = open_session(bundle, 1.0);
+  ref = open_session_with(bundle, 1.0, 1);
   CHECK(timar_step(ref, ua, S, NULL, 0, aa, S, want, F) == TIMAR_OK, "rollback ref 0");
   CHECK(timar_step(ref, ua + S, S, NULL, 0, aa + S, S, want + M, F) == TIMAR_OK, "rollback ref 1");
   setenv("TIMAR_TEST_FAIL_AFTER_TURNS", "1", 1);
-  s = open_session(bundle, 1.0);
+  s = open_session_with(bundle, 1.0, 1);
   unsetenv("TIMAR_TEST_FAIL_AFTER_TURNS");
   expect_error(timar_feed(s, ua, 2 * S, NULL, 0, aa, 2 * S, got, 2 * F, &frames), TIMAR_ERR_BACKEND, "injected",
                "feed with a failing second turn");
@@ -467,10 +506,11 @@ static void test_state_kinds(const char* bundle, const char* other) {
   free(b);
 }
 
-/* Blob layout (session.cpp): header of 112 bytes (magic, abi, bundle id, settings), then for
+/* Blob layout (session.cpp): header of 136 bytes (magic, format, bundle id, settings), then for
  * cached sessions u32 slots + i32 ages[slots], for window sessions 64 bytes (window sizes and
- * audio statistics); then the stream part, which starts with u64 counter_lo. */
-enum { STATE_HEADER = 112 };
+ * audio statistics); then the stream part: u64 counter_lo, counter_hi, turns, u32 tracked,
+ * f32 last user motion frame[56], u32 smoothed (the output smoothing has a last frame), ... */
+enum { STATE_HEADER = 136, STREAM_SMOOTHED = 8 * 3 + 4 + 4 * TIMAR_MOTION_DIM };
 
 static size_t stream_offset(const void* blob, int window) {
   uint32_t slots;
@@ -488,6 +528,21 @@ static void* take_state(timar_session* s, size_t* size) {
   }
   CHECK(blob != NULL, "get_state: %s", timar_last_error());
   return blob;
+}
+
+/* `blob` as state format 1 (older runtimes, before smoothing) wrote it: without the smoothing time
+ * constants (the header's last 24 bytes) and the smoothing state in the stream part. */
+static char* as_format_1(const void* blob, size_t size, int window, size_t* out_size) {
+  const char* b = blob;
+  const size_t cut = stream_offset(blob, window) + STREAM_SMOOTHED, cut_n = 4 + 4 * TIMAR_MOTION_DIM;
+  const uint32_t format = 1;
+  char* old = malloc(size - 24 - cut_n);
+  memcpy(old, b, STATE_HEADER - 24);
+  memcpy(old + STATE_HEADER - 24, b + STATE_HEADER, cut - STATE_HEADER);
+  memcpy(old + cut - 24, b + cut + cut_n, size - cut - cut_n);
+  memcpy(old + 8, &format, 4);
+  *out_size = size - 24 - cut_n;
+  return old;
 }
 
 /* A blob with one change at `offset` (`n` bytes from `value`) must be refused with a message
@@ -529,9 +584,9 @@ static void test_state_checks(const char* bundle, int window) {
   /* Other settings: each refused, naming the setting. */
   {
     struct { const char* name; int what; } cases[] = {{"seed", 0}, {"steps", 1}, {"temperature", 2}, {"cfg", 3},
-                                                      {"history", 4}, {"context_turns", 5}};
+                                                      {"history", 4}, {"context_turns", 5}, {"smoothing", 6}};
     int c;
-    for (c = 0; c < 6; ++c) {
+    for (c = 0; c < 7; ++c) {
       timar_session* other = NULL;
       timar_options_init(&o);
       o.seed = 7;
@@ -545,6 +600,7 @@ static void test_state_checks(const char* bundle, int window) {
         case 3: o.cfg = 1.5; break;
         case 4: o.history = TIMAR_HISTORY_FEEDBACK; break;
         case 5: o.context_turns = 2; break;
+        case 6: SET_TEST_SMOOTHING(o); break;
       }
       if (cases[c].what == 4 && window) continue; /* window bundles run masked history only */
       CHECK(timar_session_create(bundle, &o, &other) == TIMAR_OK, "create (%s): %s", cases[c].name, timar_last_error());
@@ -552,6 +608,23 @@ static void test_state_checks(const char* bundle, int window) {
       expect_error(timar_set_state(other, blob1, n1), TIMAR_ERR_STATE, cases[c].name, cases[c].name);
       timar_session_destroy(other);
     }
+  }
+
+  /* A blob of state format 1 loads as one taken without smoothing; a smoothing session refuses it. */
+  {
+    size_t n_old = 0;
+    char* old = as_format_1(blob1, n1, window, &n_old);
+    timar_session* smoothing = open_session_with(bundle, 1.0, 1);
+    b = open_session(bundle, 1.0);
+    CHECK(b && timar_set_state(b, old, n_old) == TIMAR_OK, "a state format 1 blob loads: %s", timar_last_error());
+    CHECK(b && timar_step(b, ua + S, S, NULL, 0, aa + S, S, out, F) == TIMAR_OK &&
+              max_abs_diff(out, want1, M) == 0.0f,
+          "the next turn after a format 1 blob equals the one after the same state in format 2");
+    if (smoothing)
+      expect_error(timar_set_state(smoothing, old, n_old), TIMAR_ERR_STATE, "smoothing", "format 1, smoothed");
+    timar_session_destroy(smoothing);
+    timar_session_destroy(b);
+    free(old);
   }
 
   /* Corrupt blobs, each refused while the session stays where blob1 put it. */
@@ -571,6 +644,17 @@ static void test_state_checks(const char* bundle, int window) {
     CHECK(timar_set_state(b, longer, n2) == TIMAR_OK, "a finite cache value is accepted: %s", timar_last_error());
     CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
     expect_refused(b, blob2, n2, stream, &counter, 8, "generator counter", "counter", ua + S, aa + S, want1);
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    {
+      const uint32_t smoothed = 1; /* a filter state in a session without smoothing */
+      expect_refused(b, blob2, n2, stream + STREAM_SMOOTHED, &smoothed, 4, "smoothing", "smoothing state", ua + S,
+                     aa + S, want1);
+    }
+    CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
+    {
+      const uint32_t newer = 3;
+      expect_refused(b, blob2, n2, 8, &newer, 4, "another timar runtime", "state format 3", ua + S, aa + S, want1);
+    }
     CHECK(timar_set_state(b, blob1, n1) == TIMAR_OK, "back to blob1");
     if (!window) {
       const int32_t ages[2] = {3, 3}; /* two slots of the same age */
@@ -709,6 +793,7 @@ typedef struct {
   int32_t history;
   int tracked;    /* feeds user motion */
   int before;     /* turns run alone (timar_step) before the batched ones */
+  int smoothed;   /* with the tests' custom output smoothing */
 } head_spec;
 
 static timar_session* open_head(timar_model* m, const head_spec* h) {
@@ -720,6 +805,7 @@ static timar_session* open_head(timar_model* m, const head_spec* h) {
   o.temperature = h->temperature;
   o.steps = h->steps;
   o.history = h->history;
+  if (h->smoothed) SET_TEST_SMOOTHING(o);
   CHECK(timar_session_create_from_model(m, &o, &s) == TIMAR_OK && s, "session from model: %s", timar_last_error());
   return s;
 }
@@ -778,12 +864,12 @@ static size_t polled_frames(timar_session* s) {
  * model): the same motion. Heads whose settings cannot share a batch run in separate batches. */
 static void test_batched_equals_alone(const char* bundle, int window) {
   const head_spec heads[] = {
-      {11, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 2},   /* ahead by two turns */
-      {12, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 0, 0},   /* guided, user not tracked */
-      {13, 2.0, 0.6, 0, TIMAR_HISTORY_DEFAULT, 1, 1},   /* guided, another temperature */
-      {14, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0},   /* fresh, as head 12 */
-      {15, 1.0, NAN, 3, TIMAR_HISTORY_DEFAULT, 0, 1},   /* 3 steps: a batch of its own */
-      {16, 1.5, NAN, 0, TIMAR_HISTORY_FEEDBACK, 1, 0},  /* feedback history (cached bundles only) */
+      {11, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 2, 1},   /* ahead by two turns, smoothed */
+      {12, 2.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 0, 0, 0},   /* guided, user not tracked */
+      {13, 2.0, 0.6, 0, TIMAR_HISTORY_DEFAULT, 1, 1, 1},   /* guided, another temperature, smoothed */
+      {14, 1.0, NAN, 0, TIMAR_HISTORY_DEFAULT, 1, 0, 0},   /* fresh, as head 12 */
+      {15, 1.0, NAN, 3, TIMAR_HISTORY_DEFAULT, 0, 1, 0},   /* 3 steps: a batch of its own */
+      {16, 1.5, NAN, 0, TIMAR_HISTORY_FEEDBACK, 1, 0, 0},  /* feedback history (cached bundles only) */
   };
   const int n = window ? 5 : 6;
   /* cached: one batch for the five masked 5-step heads... minus the 3-step one; window bundles
@@ -1031,7 +1117,14 @@ static void test_model_api_errors(const char* bundle) {
   expect_error(timar_session_create_from_model(NULL, NULL, &s), TIMAR_ERR_NULL_POINTER, "model", "session NULL model");
   CHECK(s == NULL, "a failed session create sets *out_session to NULL");
   timar_session_options_init(&so);
-  CHECK(so.struct_size == sizeof so && isnan(so.cfg) && so.context_turns == -1, "session_options_init defaults");
+  CHECK(so.struct_size == sizeof so && isnan(so.cfg) && so.context_turns == -1 &&
+            so.smoothing == TIMAR_SMOOTHING_DEFAULT,
+        "session_options_init defaults");
+  SET_TEST_SMOOTHING(so);
+  so.smoothing_neck = -1.0;
+  expect_error(timar_session_create_from_model(m, &so, &s), TIMAR_ERR_INVALID_ARGUMENT, "smoothing_neck",
+               "session smoothing -1 s");
+  timar_session_options_init(&so);
   so.steps = 5000;
   expect_error(timar_session_create_from_model(m, &so, &s), TIMAR_ERR_INVALID_ARGUMENT, "steps", "session steps");
   timar_session_options_init(&so);
@@ -1058,8 +1151,8 @@ int main(int argc, char** argv) {
   test_generator();
   test_library();
   test_create_errors(argv[1], argc > 2 && argv[2][0] ? argv[2] : NULL);   /* "" = none */
-  test_session(argv[1], 1.0);
-  test_session(argv[1], 2.0);
+  test_session(argv[1], 1.0, 0);
+  test_session(argv[1], 2.0, 1);
   test_feed_rollback(argv[1]);
   test_state_checks(argv[1], is_window_bundle(argv[1]));
   test_flush_buffered_turns(argv[1]);

@@ -610,7 +610,7 @@ def _run_group(turns: list[_Turn]) -> list:
                   "user_motion_absent": cat([np.full(r, 1.0 if t.um is None else 0.0, np.float32)
                                              for t, r in zip(turns, rows)]),
                   "past_turn_age": cat([t.conv.ring.token_ages(r) for t, r in zip(turns, rows)])}
-        cache = first._cache if len(turns) == 1 else np.concatenate([t.session._cache for t in turns], axis=2)
+        cache = first._cache if len(turns) == 1 else backend.stack_caches([t.session._cache for t in turns])
         z, present = backend.encoder_step(inputs, cache)
     noises = []
     for t in turns:

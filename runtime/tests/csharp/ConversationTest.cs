@@ -2,8 +2,10 @@
 // a conversation fed in audio-callback-sized pieces, then flushed; the motion is written as raw
 // float32 for tests/test_native.py to compare with the Python Session. Also checks that bad
 // input raises TimarException with the library's message and leaves the session unchanged.
+// SMOOTHING: "EXPRESSION,JAW,NECK" time constants in seconds (TimarSmoothing.Custom), or "-"
+// for the bundle's default smoothing.
 //
-//   mono ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32
+//   mono ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32 [SMOOTHING]
 using System;
 using System.IO;
 using Timar;
@@ -27,9 +29,9 @@ static class ConversationTest
 
     static int Main(string[] args)
     {
-        if (args.Length != 8)
+        if (args.Length != 8 && args.Length != 9)
         {
-            Console.Error.WriteLine("usage: ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32");
+            Console.Error.WriteLine("usage: ConversationTest.exe BUNDLE UA.f32 AA.f32 UM.f32|- SEED CFG CHUNK OUT.f32 [SMOOTHING]");
             return 2;
         }
         float[] ua = ReadF32(args[1]), aa = ReadF32(args[2]);
@@ -40,15 +42,36 @@ static class ConversationTest
         options.Threads = 1;
         options.Backend = (int)TimarBackend.OnnxRuntimeCpu;
         int chunk = int.Parse(args[6]);
+        double[] taus = null;
+        if (args.Length == 9 && args[8] != "-")
+        {
+            taus = Array.ConvertAll(args[8].Split(','),
+                                    t => double.Parse(t, System.Globalization.CultureInfo.InvariantCulture));
+            options.Smoothing = (int)TimarSmoothing.Custom;
+            options.SmoothingExpression = taus[0];
+            options.SmoothingJaw = taus[1];
+            options.SmoothingNeck = taus[2];
+        }
 
         Console.WriteLine("timar " + TimarSession.Version + ": " + TimarSession.BuildInfo);
         Expect(() => new TimarSession("/nonexistent/bundle", options), TimarStatus.Bundle, "manifest.json", "no bundle");
+        var tooSmooth = options;
+        tooSmooth.Smoothing = (int)TimarSmoothing.Custom;
+        tooSmooth.SmoothingNeck = 2.5;
+        Expect(() => new TimarSession(args[0], tooSmooth), TimarStatus.InvalidArgument, "smoothing_neck",
+               "smoothing 2.5 s");
 
         using (var session = new TimarSession(args[0], options))
         {
             int F = session.FramesPerTurn, S = session.SamplesPerTurn, D = TimarSession.MotionDim;
             Check(F == 25 && S == 16000 && session.Fps == 25 && session.SampleRate == 16000, "info");
             Check(session.BackendName == "onnxruntime-cpu", "backend " + session.BackendName);
+            if (taus != null)
+            {
+                TimarInfo info = session.Info;
+                Check(info.SmoothingExpression == taus[0] && info.SmoothingJaw == taus[1] && info.SmoothingNeck == taus[2],
+                      "info reports the smoothing");
+            }
 
             // Bad input first: every call fails and nothing changes.
             var turn = new float[S];

@@ -27,7 +27,7 @@ namespace Timar
 
         public TimarModel(string bundleDir) : this(bundleDir, TimarModelOptions.Default) { }
 
-        /// <summary>The bundle's facts and default settings (seed 0, turns 0).</summary>
+        /// <summary>The bundle's facts and default settings (seed 0, turns 0, its default smoothing).</summary>
         public TimarInfo Info
         {
             get

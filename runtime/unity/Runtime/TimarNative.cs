@@ -31,9 +31,18 @@ namespace Timar
 
     public enum TimarHistory { Default = 0, Masked = 1, Feedback = 2 }
 
+    /// <summary>timar_smoothing: the output's causal smoothing, a one-pole low-pass filter per
+    /// region (expression, jaw, neck) with a time constant in seconds, carried across turns.
+    /// Default: the bundle's (its manifest's "smoothing"; none if it has none). Off: the exact
+    /// model output. Custom: the options' SmoothingExpression / SmoothingJaw / SmoothingNeck
+    /// (0..2 s; 0 = that region not smoothed). A region is delayed by about its time constant.</summary>
+    public enum TimarSmoothing { Default = 0, Off = 1, Custom = 2 }
+
     /// <summary>timar_options. Create with <see cref="TimarOptions.Default"/>, then change fields.
     /// temperature (0..10) / cfg (0..20): NaN takes the bundle's default; steps 0 likewise;
-    /// threads 0 = the backend's default, else at most the CPUs available to the process.</summary>
+    /// threads 0 = the backend's default, else at most the CPUs available to the process;
+    /// Smoothing: a <see cref="TimarSmoothing"/>, and with Custom the three time constants in
+    /// seconds (leave them 0 otherwise).</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct TimarOptions
     {
@@ -48,6 +57,10 @@ namespace Timar
         public int Backend;
         public int VerifyHashes;
         public int DeviceId;
+        public int Smoothing;
+        public double SmoothingExpression;
+        public double SmoothingJaw;
+        public double SmoothingNeck;
 
         public static TimarOptions Default
         {
@@ -85,7 +98,8 @@ namespace Timar
     }
 
     /// <summary>timar_session_options: one conversation's settings on a shared model. Create with
-    /// <see cref="TimarSessionOptions.Default"/> (NaN / 0 = the bundle's defaults).</summary>
+    /// <see cref="TimarSessionOptions.Default"/> (NaN / 0 = the bundle's defaults). Smoothing as in
+    /// <see cref="TimarOptions"/>.</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct TimarSessionOptions
     {
@@ -96,6 +110,10 @@ namespace Timar
         public double Cfg;
         public int History;
         public int ContextTurns;
+        public int Smoothing;
+        public double SmoothingExpression;
+        public double SmoothingJaw;
+        public double SmoothingNeck;
 
         public static TimarSessionOptions Default
         {
@@ -135,7 +153,8 @@ namespace Timar
         }
     }
 
-    /// <summary>timar_info: what a session runs.</summary>
+    /// <summary>timar_info: what a session runs. Smoothing*: the output smoothing in effect,
+    /// seconds per region (0 = not smoothed).</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct TimarInfo
     {
@@ -156,6 +175,9 @@ namespace Timar
         public int ExpBegin, ExpEnd;
         public int JawBegin, JawEnd;
         public int NeckBegin, NeckEnd;
+        public double SmoothingExpression;
+        public double SmoothingJaw;
+        public double SmoothingNeck;
     }
 
     /// <summary>The raw C functions. Prefer <see cref="TimarSession"/>.</summary>
@@ -172,6 +194,8 @@ namespace Timar
         public const float AudioLimit = 4.0f;
         /// <summary>TIMAR_MOTION_LIMIT: the largest |value| accepted in user motion.</summary>
         public const float MotionLimit = 20.0f;
+        /// <summary>TIMAR_SMOOTHING_MAX_SECONDS: the longest smoothing time constant accepted.</summary>
+        public const double SmoothingMaxSeconds = 2.0;
 
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern int timar_abi_version();
         [DllImport(Library, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr timar_version();

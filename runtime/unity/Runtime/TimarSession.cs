@@ -41,7 +41,8 @@ namespace Timar
     /// refused. Motion: frames of 56 floats (FLAME expression 0..49, jaw 50..52, neck 53..55,
     /// axis-angle radians), row-major in float arrays, |x| at most <see cref="TimarNative.MotionLimit"/>.
     /// A turn whose output would hold NaN/Inf raises TimarException with Status Numeric and
-    /// changes nothing.
+    /// changes nothing. The options' Smoothing (<see cref="TimarSmoothing"/>) filters the motion
+    /// causally across turns; <see cref="Info"/> reports the time constants in effect.
     /// </summary>
     public sealed unsafe class TimarSession : IDisposable
     {

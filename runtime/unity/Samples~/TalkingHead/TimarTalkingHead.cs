@@ -30,6 +30,15 @@ public class TimarTalkingHead : MonoBehaviour
     [Tooltip("Classifier-free guidance; 1 = off (half the compute).")]
     public float cfg = 1f;
 
+    [Header("Output smoothing")]
+    [Tooltip("Default: the bundle's (its manifest's smoothing, none if it has none). Off: the exact model "
+             + "output. Custom: the time constants below.")]
+    public TimarSmoothing smoothing = TimarSmoothing.Default;
+    [Tooltip("Custom only: seconds per region, 0 = not smoothed. A region lags by about its time constant.")]
+    [Range(0f, 2f)] public float smoothingExpression = 0.1f;
+    [Range(0f, 2f)] public float smoothingJaw = 0.03f;
+    [Range(0f, 2f)] public float smoothingNeck = 0.25f;
+
     [Header("User audio")]
     public bool useMicrophone = true;
     [Tooltip("Microphone device name; empty = default.")]
@@ -122,6 +131,13 @@ public class TimarTalkingHead : MonoBehaviour
         var options = TimarSessionOptions.Default;
         options.Seed = seed;
         options.Cfg = cfg;
+        options.Smoothing = (int)smoothing;
+        if (smoothing == TimarSmoothing.Custom)   // the time constants are read (and allowed) only then
+        {
+            options.SmoothingExpression = smoothingExpression;
+            options.SmoothingJaw = smoothingJaw;
+            options.SmoothingNeck = smoothingNeck;
+        }
         TimarModel model = null;
         try
         {
