@@ -73,6 +73,9 @@ BAD_NUMBERS = {
                                 "diffusion.alphas_cumprod: expected finite values in \\(0, 1\\), strictly decreasing"),
     "temperature default": (lambda m: m["sampling"].update(temperature=math.inf), "sampling.temperature"),
     "steps default": (lambda m: m["sampling"].update(steps=5000), "sampling.steps: expected 1..1000"),
+    "smoothing NaN": (lambda m: m.update(smoothing={"jaw": math.nan}), "smoothing: jaw: expected a time constant"),
+    "smoothing region": (lambda m: m.update(smoothing={"mouth": 0.1}), "invalid at smoothing: .*mouth"),
+    "smoothing too long": (lambda m: m.update(smoothing={"neck": 3.0}), "invalid at smoothing.neck: 3.0 is greater"),
 }
 
 

@@ -317,3 +317,26 @@ def test_bench_streams_reports_push_and_turn_latency():
     assert r["streams"] == 2 and r["turns"] == r["turns_expected"] == 2 + 2    # staggered: 2 + 2 turns
     assert r["push_ms"]["n"] == 2 * 100 and 0 < r["push_ms"]["p50"] <= r["push_ms"]["p99"]
     assert 0 < r["turn_latency_ms"]["p50"] <= r["turn_latency_ms"]["p99"]
+
+
+@pytest.mark.parametrize("value, words", [("jaw=-1", "jaw"), ("mouth=0.1", "mouth"), ("jaw:0.1", "REGION=SECONDS")])
+def test_export_refuses_bad_smoothing_naming_it(tmp_path, value, words):
+    from timar_sdk.cli import export_cmd
+    res = CliRunner().invoke(export_cmd, ["--out", str(tmp_path / "b"), "--smoothing", value])
+    assert_one_line_error(res, "--smoothing", words, code=2)
+    assert not (tmp_path / "b").exists()
+
+
+def test_run_with_and_without_smoothing(tmp_path, agent):
+    """--no-smoothing gives the exact model output; the default takes the bundle's smoothing."""
+    user = tmp_path / "user.wav"
+    wav(user, tone(2.0, seed=1))
+    outs = {}
+    for flags in ((), ("--no-smoothing",)):
+        out = tmp_path / f"m{len(flags)}.npy"
+        res = run("--user-audio", user, "--agent-audio", agent, "--out", out, *flags)
+        assert res.exit_code == 0, res.output
+        outs[flags] = np.load(out)
+    from timar_sdk import Session
+    expected_equal = not any(Session().smoothing.values())
+    assert np.array_equal(outs[()], outs[("--no-smoothing",)]) == expected_equal

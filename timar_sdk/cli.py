@@ -125,8 +125,14 @@ def train_cmd(preset_name, out, **kw):
               help="Authors' checkpoints: local directory of facebook/wav2vec2-large-960h-lv60-self.")
 @click.option("--stats", default=None, type=click.Path(dir_okay=False),
               help="Authors' checkpoints trained with --do_norm: their stats JSON (exp/jawpose/neck).")
-def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats):
+@click.option("--temperature", default=None, type=click.FloatRange(0.0, 10.0),
+              help="The bundle's default sampling temperature (default: the model config's).")
+@click.option("--smoothing", default=None, metavar="REGION=SECONDS,...",
+              help="The bundle's default output smoothing, e.g. expression=0.1,jaw=0.03,neck=0.25 "
+                   "(time constants, 0..2 s; default: none).")
+def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, smoothing):
     """Export a checkpoint to a bundle: ONNX graphs and manifest.json."""
+    defaults = {"temperature": temperature, "smoothing": parse_smoothing(smoothing)}
     try:
         from timar_sdk.export.onnx_export import export_bundle, export_window_bundle
         from timar_sdk.model import authors
@@ -146,15 +152,35 @@ def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats):
         motion_stats = authors.read_motion_stats(stats) if stats else None
         model = authors.load_authors_model(raw, str(Path(wav2vec2_dir).resolve()), ema=ema,
                                            motion_stats=motion_stats, name=str(path))
-        manifest = export_window_bundle(model, out, opset=opset, source=source, ema=ema)
+        manifest = export_window_bundle(model, out, opset=opset, source=source, ema=ema, defaults=defaults)
     else:
         if wav2vec2_dir or stats:
             raise click.UsageError("--wav2vec2 and --stats are for the authors' checkpoints; this is a "
                                    "timar-sdk checkpoint")
         model = model_from_checkpoint(raw, path, ema=ema)     # the file is read once
-        manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema)
+        manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema,
+                                 defaults=defaults)
     sizes = {g["file"]: (Path(out) / g["file"]).stat().st_size / 1e6 for g in manifest["graphs"].values()}
     click.echo(f"wrote {out} ({manifest['attention']}): " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+
+
+def parse_smoothing(text: str | None) -> dict | None:
+    """--smoothing's "expression=0.1,jaw=0.03" as {"expression": 0.1, "jaw": 0.03} (checked)."""
+    if text is None:
+        return None
+    from timar_sdk.runtime.smoothing import check_smoothing
+    taus = {}
+    for part in text.split(","):
+        region, _, value = part.partition("=")
+        try:
+            taus[region.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected REGION=SECONDS,... (regions expression, jaw, neck), got {text!r}",
+                                     param_hint="--smoothing") from None
+    try:
+        return check_smoothing(taus, "--smoothing")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--smoothing") from None
 
 
 def read_audio_file(path: str, option: str, sample_rate: int):

@@ -90,6 +90,16 @@ def build_window_manifest(model, graphs: dict[str, dict], source: str = "", ema:
     }
 
 
+def with_defaults(manifest: dict, temperature: float | None = None, smoothing: dict | None = None) -> dict:
+    """`manifest` with the runtimes' defaults set: the sampling temperature (None: the model
+    config's) and the output smoothing, {region: tau seconds} (None: none)."""
+    if temperature is not None:
+        manifest["sampling"]["temperature"] = float(temperature)
+    if smoothing:
+        manifest["smoothing"] = {k: float(v) for k, v in smoothing.items()}
+    return manifest
+
+
 def in_memory_bundle(model) -> Bundle:
     """The bundle `model` (a `Timar`, or the authors' `WindowTimar`) would export to, with no
     files: its manifest, and as its graphs the torch modules that export would trace

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from timar_sdk.export.manifest import build_manifest, build_window_manifest, check_streamable
+from timar_sdk.export.manifest import build_manifest, build_window_manifest, check_streamable, with_defaults
 from timar_sdk.export.op_support import check_ops
 from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
                                     cache_input_names, example_inputs, graph_modules, window_example_inputs,
@@ -82,15 +82,16 @@ def trace_graphs(model: Timar, batch: int = 1, opset: int = 17) -> dict[str, onn
 
 
 def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int = 1,
-                  source: str = "", ema: bool = True) -> dict:
+                  source: str = "", ema: bool = True, defaults: dict | None = None) -> dict:
     """Write the three graphs and manifest.json into out_dir (replacing an older bundle there).
-    Returns the manifest. `batch` is the batch size used for tracing (the axis stays dynamic)."""
+    Returns the manifest. `batch` is the batch size used for tracing (the axis stays dynamic).
+    defaults: the runtimes' default temperature and smoothing (`with_defaults`' arguments)."""
     check_streamable(model)
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
     model = model.eval().cpu()
     return _write_bundle(out_dir, trace_graphs(model, batch, opset),
-                         lambda graphs: build_manifest(model, graphs, source, ema))
+                         lambda graphs: with_defaults(build_manifest(model, graphs, source, ema), **(defaults or {})))
 
 
 def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_manifest) -> dict:
@@ -116,7 +117,7 @@ def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_
 
 
 def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: str = "",
-                         ema: bool = True) -> dict:
+                         ema: bool = True, defaults: dict | None = None) -> dict:
     """Write a window-recompute bundle for an authors' model (timar_sdk.model.authors.WindowTimar):
     audio_encoder (wav2vec2 + interpolation), token_embed (one turn's tokens), window_encoder
     (the whole window, 1..W turns, dynamic token axis), denoiser; manifest attention
@@ -130,7 +131,8 @@ def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: st
             "window_encoder": {"tokens": {0: "batch", 1: "window_tokens"}, "z": {0: "batch"}}}
     protos = {name: trace_graph(module, inputs[name], WINDOW_GRAPH_OUTPUTS[name], axes[name], opset)
               for name, module in window_graph_modules(model).items()}
-    return _write_bundle(out_dir, protos, lambda graphs: build_window_manifest(model, graphs, source, ema))
+    return _write_bundle(out_dir, protos,
+                         lambda graphs: with_defaults(build_window_manifest(model, graphs, source, ema), **(defaults or {})))
 
 
 def ort_vs_torch(bundle_dir: str | Path, model: Timar, name: str,

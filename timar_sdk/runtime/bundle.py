@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from timar_sdk.errors import BundleError
+from timar_sdk.runtime.smoothing import check_smoothing
 
 SCHEMA_VERSION = 2   # 2: one encoder_step input per layer and key/value (cache.past_key_values_inputs)
 GENERATOR = {"name": "philox4x32-10-boxmuller",
@@ -98,6 +99,11 @@ def check_consistency(m: dict, where: str = "manifest.json") -> None:
     for field, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("cfg", CFG_RANGE)):
         if not lo <= sampling[field] <= hi:
             fail(f"sampling.{field}", f"a number in {lo:g}..{hi:g}", sampling[field])
+    if "smoothing" in m:
+        try:
+            check_smoothing(m["smoothing"], "smoothing")
+        except ValueError as e:
+            raise BundleError(f"{where}: {e}") from None
 
 
 def manifest_bytes(manifest: dict) -> bytes:
