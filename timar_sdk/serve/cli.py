@@ -8,7 +8,7 @@ import signal
 
 import click
 
-from timar_sdk.cli import BACKEND_HELP, tool
+from timar_sdk.cli import BACKEND_HELP, tool, write_json
 from timar_sdk.errors import install_hint
 
 TOKEN_ENV = "TIMAR_SERVE_TOKEN"
@@ -94,9 +94,10 @@ def serve_cmd(bundle, backend, threads, host, port, send_buffer_bytes, **limits)
 @click.option("--max-clients", default=128, show_default=True, type=click.IntRange(min=1), help="--search: largest N.")
 @click.option("--step", default=2, show_default=True, type=click.IntRange(min=1), help="--search: precision in clients.")
 @click.option("--max-batch", default=None, type=click.IntRange(min=1), help="Without --url: the server's --max-batch.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the results here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON results here.")
 def loadtest_cmd(url, bundle, clients, search_mode, budget_ms, seconds, start_clients, max_clients, step, max_batch,
-                 json_path):
+                 as_json, json_out):
     """Real-time clients (20 ms chunks of synthetic speech) against timar-serve: turn latency
     p50/p95/p99 (turn audio complete -> motion received), late and failed turns, the server's CPU
     and memory (from its /metrics). The token, if the server needs one, is read from
@@ -112,16 +113,18 @@ def loadtest_cmd(url, bundle, clients, search_mode, budget_ms, seconds, start_cl
         proc, url = lt.start_server(bundle, extra=extra)
         click.echo(f"started timar-serve (pid {proc.pid}) on {url}", err=True)
     try:
-        report = lambda r: click.echo(lt.describe(r))  # noqa: E731
+        report = lambda r: None if as_json else click.echo(lt.describe(r))  # noqa: E731
         if search_mode:
             result = asyncio.run(lt.search(url, budget_ms, seconds, start_clients, max_clients, step, token, report))
-            click.echo(f"largest N holding p99 <= {budget_ms:g} ms with no failed turn: {result['largest_clients']}")
+            if not as_json:
+                click.echo(f"largest N holding p99 <= {budget_ms:g} ms with no failed turn: {result['largest_clients']}")
         else:
             result = asyncio.run(lt.run_trial(url, clients, seconds, budget_ms, token=token))
             report(result)
     finally:
         if proc is not None:
             lt.stop_server(proc)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    if json_out:
+        write_json(json_out, result)
