@@ -24,8 +24,8 @@ from timar_sdk.conversation import run_conversation
 from timar_sdk.data.dualtalk import motion_from_npz
 from timar_sdk.runtime.smoothing import filter_coefficients, smooth
 
-TEMPERATURES = (0.5, 0.7, 1.0)
-GRID = {"expression": (0.0, 0.08, 0.12, 0.16), "jaw": (0.0, 0.02, 0.04), "neck": (0.0, 0.15, 0.25, 0.35)}
+TEMPERATURES = (0.0, 0.25, 0.5, 1.0)
+GRID = {"expression": (0.0, 0.12, 0.2, 0.3), "jaw": (0.0, 0.03, 0.06), "neck": (0.0, 0.2, 0.3, 0.4)}
 KEYS = ("jaw_r_own_voice", "jaw_r_partner_voice", "jaw_mean_in_silence_rad", "silent_frames_jaw_above_0.08",
         "lag1_autocorr_expression", "lag1_autocorr_neck", "neck_velocity_std_rad_per_frame",
         "jaw_velocity_ratio_partner_only_vs_speaking")

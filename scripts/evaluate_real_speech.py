@@ -109,6 +109,27 @@ def evaluate_synthetic(clips: int, tool, bundle, seed: int, smoothing: bool, out
     return {"smoothing": smoothing, "clips": clips, "model": mean(model_figures), "ground_truth": mean(truth_figures)}
 
 
+def contact_sheet(motion: np.ndarray, agent: Path, tool, out_png: Path, per_row: int = 4) -> None:
+    """Preview frames of one run: a row of frames where the agent is silent (quietest 40 ms
+    frames) and a row where it speaks (loudest), each labelled with the jaw angle."""
+    from PIL import Image, ImageDraw
+
+    from timar_sdk.render.frame import render_frame
+    loud = tool.loudness(str(agent))[:len(motion)]
+    order = np.argsort(loud)
+    rows = {"agent silent": order[:len(order) // 4][::max(1, len(order) // 4 // per_row)][:per_row],
+            "agent speaking": order[::-1][:per_row * 8:8]}
+    size = 256
+    sheet = Image.new("RGB", (size * per_row, (size + 20) * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, frames) in enumerate(rows.items()):
+        for c, f in enumerate(sorted(frames)):
+            sheet.paste(Image.fromarray(render_frame(motion[f], size)), (c * size, r * (size + 20) + 20))
+            draw.text((c * size + 4, r * (size + 20) + 4),
+                      f"{label}, t={f / 25:.2f} s, jaw {motion[f, 50]:.3f} rad", fill="black")
+    sheet.save(out_png)
+
+
 def report(result: dict) -> str:
     lines = [f"smoothing {'on' if result['smoothing'] else 'off'}: mean over the 6 AMI pairs"]
     for k, t in result["targets"].items():
@@ -134,6 +155,8 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=0, metavar="N",
                    help="also N held-out speech-like synthetic conversations of 30 s")
     p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--frames", type=Path, default=None, metavar="PNG",
+                   help="preview frames (silent / speaking) of the spk3-agent, spk1-user run, smoothing as run")
     a = p.parse_args()
     for what, path in (("--speech", a.speech / "conv_ami_spk0.flac"), ("--figures", a.figures)):
         if not path.is_file():
@@ -151,6 +174,11 @@ def main() -> None:
             print(f"  held-out synthetic ({a.synthetic} clips), model / ground truth:")
             for k, v in syn["model"].items():
                 print(f"    {k:46s} {v:8.3f} {syn['ground_truth'][k]:8.3f}")
+    if a.frames:
+        sub = "smoothed" if results[0]["smoothing"] else "raw"
+        motion = np.load(a.out / sub / "spk3_agent__spk1_user.npy")
+        contact_sheet(motion, a.speech / "conv_ami_spk3.flac", tool, a.frames)
+        print(f"wrote {a.frames}")
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=2))
 

@@ -855,7 +855,7 @@ def test_bundle_smoothing_defaults(capi, bundle_copy, conversation, tmp_path):
             _assert_close(np.concatenate(got), want, f"smoothing={smoothing}")
         finally:
             capi.lib.timar_session_destroy(s)
-    assert np.array_equal(_python_turns(smoothed, conversation, n, False), _python_turns(bundle_copy, conversation, n))
+    assert np.array_equal(_python_turns(smoothed, conversation, n, False), _python_turns(bundle_copy, conversation, n, False))
     model = capi.create_model(smoothed)
     try:
         info = _Info(struct_size=ctypes.sizeof(_Info))

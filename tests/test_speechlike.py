@@ -183,3 +183,18 @@ def test_festival_voices_give_timed_phones():
         _, unknown = phone_classes(u.phones, "festival")
         assert unknown == 0 and len(u.phones) >= 6 and 0.5 < u.duration < 3.0
         assert np.all(np.diff(u.start) > 0) and u.end[-1] <= u.duration + 1e-6
+
+
+def test_generation_works_beside_running_threads():
+    """The TTS runs in processes forked from a clean fork server: forking a process whose ONNX
+    Runtime (or scheduler) threads hold locks hung the synthesis child (seen in the full suite)."""
+    import threading
+
+    from timar_sdk import Session
+    s = Session(threads=2)
+    s.step(np.zeros(16000, np.float32), None, np.zeros(16000, np.float32))     # ORT pool threads exist
+    spinner = threading.Thread(target=lambda: [np.linalg.svd(np.ones((64, 64))) for _ in range(200)])
+    spinner.start()                                                              # and a busy thread
+    a = generate_conversation(3.0, 21, ESPEAK)
+    spinner.join()
+    assert a["audio1"].std() > 0 and np.array_equal(a["audio1"], generate_conversation(3.0, 21, ESPEAK)["audio1"])

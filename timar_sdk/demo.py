@@ -14,8 +14,10 @@ from timar_sdk.layout import JAW
 DEMO_CONVERSATION = Path(__file__).resolve().parent / "assets" / "demo_conversation"
 DEMO_SECONDS = 30.0
 SHIPPED_MODEL = "package:tiny_synthetic.pt"
-SHIPPED_MODEL_NOTE = ("model: the shipped demo model (tiny, 5 M parameters), trained on speech-like synthetic "
-                      "conversations (TTS voices); on real recorded speech see EVALUATION.md for what to expect")
+SHIPPED_MODEL_NOTE = ("model: the shipped demo model (tiny, 5 M parameters, MODEL_CARD.md), trained on synthetic "
+                      "conversations of TTS voices. On real recorded speech (EVALUATION.md) its jaw follows the "
+                      "speaker's voice (r 0.59 on a meeting recording) and closes in silence and while listening; "
+                      "its head barely moves and its mouth opens less wide than a person's")
 
 
 def audio_level_per_frame(audio: np.ndarray, sample_rate: int, fps: int) -> np.ndarray:

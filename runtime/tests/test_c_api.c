@@ -209,7 +209,10 @@ static timar_session* open_session_with(const char* bundle, double cfg, int smoo
   o.cfg = cfg;
   o.threads = 1;
   o.backend = TIMAR_BACKEND_ORT_CPU;
-  if (smoothed) SET_TEST_SMOOTHING(o);
+  if (smoothed)
+    SET_TEST_SMOOTHING(o);
+  else
+    o.smoothing = TIMAR_SMOOTHING_OFF; /* the exact model output, whatever the bundle's defaults */
   st = timar_session_create(bundle, &o, &s);
   CHECK(st == TIMAR_OK && s, "create: %s", timar_last_error());
   return s;

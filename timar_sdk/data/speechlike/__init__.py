@@ -136,7 +136,7 @@ def write_speech_corpus(out_dir: str | os.PathLike, splits: dict[str, int], seco
     if workers == 1:
         done = map(_write_clip, jobs)
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver"))
         done = pool.map(_write_clip, jobs)
     for name in done:
         if progress:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
-import pickle
 import shutil
 import subprocess
 import tempfile
@@ -180,35 +180,26 @@ def _espeak_batch(voice: Voice, texts: list[str]) -> list[Utterance]:
     return [engine.say(voice, t) for t in texts]
 
 
+_FRESH_PROCESSES = None
+
+
 def _in_fresh_process(fn, *args):
-    """Run fn(*args) in a forked child (POSIX) and return its result; elsewhere, in-process."""
+    """Run fn(*args) in a new process and return its result (exceptions re-raised here).
+
+    The process is forked from multiprocessing's fork server, a single-threaded process started
+    once: forking this process itself would deadlock when it has threads (ONNX Runtime's, a
+    scheduler's, torch's) holding a lock at the moment of the fork. Each call gets a new worker
+    (maxtasksperchild=1), so no state survives from one call to the next. Where there is no
+    fork (Windows), it runs in-process.
+    """
+    global _FRESH_PROCESSES
     if not hasattr(os, "fork"):
         return fn(*args)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                    # the child: never returns
-        code = 0
-        try:
-            try:
-                payload = pickle.dumps((True, fn(*args)))
-            except BaseException as e:              # noqa: BLE001 - reported to the parent
-                payload = pickle.dumps((False, f"{type(e).__name__}: {e}"))
-            with os.fdopen(write_fd, "wb") as f:
-                f.write(payload)
-        except BaseException:                       # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        payload = f.read()
-    os.waitpid(pid, 0)
-    if not payload:
-        raise RuntimeError("the espeak-ng child process died without a result")
-    ok, result = pickle.loads(payload)
-    if not ok:
-        raise RuntimeError(f"espeak-ng synthesis failed: {result}")
-    return result
+    if _FRESH_PROCESSES is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        _FRESH_PROCESSES = ctx.Pool(1, maxtasksperchild=1)
+    return _FRESH_PROCESSES.apply(fn, args)
 
 
 # ----------------------------------------------------------------------------- Festival
