@@ -91,6 +91,7 @@ def test_in_memory_bundle_has_the_exported_manifest(tiny):
     assert {k for k in written if written[k] != in_memory[k]} <= {"created_at", "graphs", "source_weights"}
     with pytest.raises(ValueError, match="made in memory.*runs with 'torch'"):
         Model(in_memory, backend="onnxruntime")
+    assert Model(in_memory).backend.name == "torch"           # "auto" takes the only backend it can
     with pytest.raises(ValueError, match="MLP head"):
         Model.from_torch(Timar(preset("tiny", head="mlp")))
 

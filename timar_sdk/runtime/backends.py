@@ -222,10 +222,11 @@ def resolve_checkpoint(source: str, bundle_dir: Path) -> Path | None:
 
 
 def make_backend(name: str, bundle: Bundle, threads: int | None = None, spin: bool = False):
-    """'auto': TensorRT engines for this GPU, else ONNX Runtime with CUDA, else ONNX Runtime CPU."""
+    """'auto': torch for a bundle made in memory (Model.from_torch); for a bundle folder TensorRT
+    engines for this GPU, else ONNX Runtime with CUDA, else ONNX Runtime CPU."""
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    if name == "torch":
+    if name == "torch" or (name == "auto" and bundle.modules is not None):
         return TorchBackend(bundle, threads)
     if bundle.modules is not None:
         raise ValueError(f"backend: {name!r} runs bundle folders; this bundle was made in memory from a torch "
