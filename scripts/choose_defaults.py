@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate_real_speech import load_figures_tool
-from timar_sdk import Model, Session
+from evaluate_real_speech import agent_motion, load_figures_tool
+from timar_sdk import Model
 from timar_sdk.audio import load_audio
-from timar_sdk.conversation import run_conversation
 from timar_sdk.data.dualtalk import motion_from_npz
 from timar_sdk.runtime.smoothing import filter_coefficients, smooth
 
@@ -49,12 +48,8 @@ def main() -> None:
     table = {"ground truth": mean_figures(tool, truth, clips)}
     model = Model(a.bundle)
     for temperature in TEMPERATURES:
-        raw = []
-        for agent, user in clips:
-            s = Session(model, seed=0, temperature=temperature, smoothing=False)
-            ua, aa = load_audio(user), load_audio(agent)
-            n = min(len(ua), len(aa))
-            raw.append(run_conversation(s, ua[:n], None, aa[:n], progress=False))
+        raw = [agent_motion(model, load_audio(agent), load_audio(user), 0, temperature=temperature, smoothing=False)
+               for agent, user in clips]
         for taus in (dict(zip(GRID, v)) for v in itertools.product(*GRID.values())):
             coef = filter_coefficients(taus, 25)
             motions = [smooth(m, None, coef)[0] for m in raw]

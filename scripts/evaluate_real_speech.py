@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from timar_sdk import Session
+from timar_sdk import Model, Session
 from timar_sdk.audio import load_audio
 from timar_sdk.conversation import run_conversation
 
@@ -62,24 +62,31 @@ def runs(speech: Path) -> list[tuple[str, Path, Path | None]]:
     return pairs + clips
 
 
-def run_one(bundle, seed: int, smoothing: bool, agent: Path, user: Path | None) -> np.ndarray:
-    session = Session(bundle, seed=seed, smoothing=None if smoothing else False)
-    agent_audio = load_audio(agent)
-    user_audio = np.zeros_like(agent_audio) if user is None else load_audio(user)
+def agent_motion(model: Model, agent_audio: np.ndarray, user_audio: np.ndarray | None, seed: int,
+                 **settings) -> np.ndarray:
+    """The agent's motion [T, 56] for a recorded pair (user None: a silent user, untracked), both
+    tracks cut to the shorter; settings as Session takes them (smoothing, temperature)."""
+    session = Session(model, seed=seed, **settings)
+    user_audio = np.zeros_like(agent_audio) if user_audio is None else user_audio
     n = min(len(agent_audio), len(user_audio))
     return run_conversation(session, user_audio[:n], None, agent_audio[:n], progress=False)
 
 
-def evaluate(speech: Path, tool, bundle, seed: int, smoothing: bool, out: Path) -> dict:
+def smoothing_setting(smoothing: bool):
+    return None if smoothing else False       # None: the bundle's defaults
+
+
+def evaluate(speech: Path, tool, model: Model, seed: int, smoothing: bool, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    silent = out / "silence.wav"
     per_run = {}
     for name, agent, user in runs(speech):
-        motion = run_one(bundle, seed, smoothing, agent, user)
+        motion = agent_motion(model, load_audio(agent), None if user is None else load_audio(user), seed,
+                              smoothing=smoothing_setting(smoothing))
         np.save(out / (name.replace(", ", "__").replace(" ", "_") + ".npy"), motion)
-        if user is None:
-            sf.write(silent, np.zeros(len(sf.read(agent)[0]), np.float32), 16000)
-        per_run[name] = tool.figures(motion, tool.loudness(str(agent)), tool.loudness(str(user or silent)))
+        agent_loudness = tool.loudness(str(agent))
+        # a silent user's loudness is zero in every frame (what the tool gives for a silent file)
+        user_loudness = np.zeros_like(agent_loudness) if user is None else tool.loudness(str(user))
+        per_run[name] = tool.figures(motion, agent_loudness, user_loudness)
     pairs = [v for k, v in per_run.items() if k.startswith("spk")]
     mean = {k: float(np.nanmean([p[k] for p in pairs])) for k in pairs[0] if k != "frames"}
     mean["jaw_r_partner_voice_mean_abs"] = float(np.mean([abs(p["jaw_r_partner_voice"]) for p in pairs]))
@@ -88,7 +95,7 @@ def evaluate(speech: Path, tool, bundle, seed: int, smoothing: bool, out: Path) 
                         for k, t, b in TARGETS}}
 
 
-def evaluate_synthetic(clips: int, tool, bundle, seed: int, smoothing: bool, out: Path) -> dict:
+def evaluate_synthetic(clips: int, tool, model: Model, seed: int, smoothing: bool, out: Path) -> dict:
     """Figures on held-out speech-like conversations: speaker 1 the agent, speaker 2 the user
     (untracked, as in the real-speech runs); the mean of the model's and of the ground truth's."""
     from timar_sdk.data.speechlike import generate_conversation
@@ -100,7 +107,7 @@ def evaluate_synthetic(clips: int, tool, bundle, seed: int, smoothing: bool, out
         agent, user = out / f"clip{k}_agent.wav", out / f"clip{k}_user.wav"
         sf.write(agent, conv["audio1"], 16000, subtype="FLOAT")
         sf.write(user, conv["audio2"], 16000, subtype="FLOAT")
-        motion = run_one(bundle, seed, smoothing, agent, user)
+        motion = agent_motion(model, conv["audio1"], conv["audio2"], seed, smoothing=smoothing_setting(smoothing))
         np.save(out / f"clip{k}_motion.npy", motion)
         loud = tool.loudness(str(agent)), tool.loudness(str(user))
         model_figures.append(tool.figures(motion, *loud))
@@ -162,13 +169,14 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"Error: {what}: {path} not found")
     tool = load_figures_tool(a.figures)
+    model = Model(a.bundle)
     results = []
     for smoothing in {"on": [True], "off": [False], "both": [True, False]}[a.smoothing]:
-        results.append(evaluate(a.speech, tool, a.bundle, a.seed, smoothing,
+        results.append(evaluate(a.speech, tool, model, a.seed, smoothing,
                                 a.out / ("smoothed" if smoothing else "raw")))
         print(report(results[-1]))
         if a.synthetic:
-            syn = evaluate_synthetic(a.synthetic, tool, a.bundle, a.seed, smoothing,
+            syn = evaluate_synthetic(a.synthetic, tool, model, a.seed, smoothing,
                                      a.out / ("synthetic_smoothed" if smoothing else "synthetic_raw"))
             results[-1]["synthetic"] = syn
             print(f"  held-out synthetic ({a.synthetic} clips), model / ground truth:")

@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
-from timar_sdk.layout import JAW
+from timar_sdk.layout import FPS, JAW, SAMPLE_RATE
 
 DEMO_CONVERSATION = Path(__file__).resolve().parent / "assets" / "demo_conversation"
 DEMO_SECONDS = 30.0
@@ -35,7 +35,7 @@ def demo_conversation(seconds: float = DEMO_SECONDS) -> dict[str, np.ndarray]:
     if not 0 < seconds <= DEMO_SECONDS:
         raise ValueError(f"seconds: expected 0 < seconds <= {DEMO_SECONDS:g} (the demo conversation's length), "
                          f"got {seconds}")
-    samples, frames = int(seconds * 16000), int(seconds * 25)
+    samples, frames = int(seconds * SAMPLE_RATE), int(seconds * FPS)
     d = DEMO_CONVERSATION
     return {"audio1": sf.read(d / "agent.flac", dtype="float32")[0][:samples],
             "audio2": sf.read(d / "user.flac", dtype="float32")[0][:samples],
