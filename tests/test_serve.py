@@ -358,3 +358,24 @@ def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+# ---- load tools ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_soak_counts_every_conversation_turn_and_refusal(model):
+    """timar-loadtest --soak: clients come and go; each conversation's turns are all counted and
+    received; a slot the server refuses is an error and the soak does not hold."""
+    import asyncio
+
+    from timar_sdk.serve.loadtest import soak
+    with ServerThread(model, LIMITS) as running:
+        r = asyncio.run(soak(running.url, clients=2, seconds=9.0, session_seconds=(2.5, 3.0)))
+    # 2 slots, 9 s, conversations of 2.5 to 3 s (2 turns; a slot's last one may be cut shorter)
+    assert 4 <= r["conversations"] <= 6, r
+    assert r["turns_expected"] >= 2 * r["conversations"] - 4 and r["turns"] == r["turns_expected"], r
+    assert r["failed"] == 0 and r["error_count"] == 0 and r["holds"], r
+    assert r["server_rss_mb"]["max"] >= r["server_rss_mb"]["first"] > 0
+    with ServerThread(model, ServeConfig(max_sessions=1)) as running:
+        r = asyncio.run(soak(running.url, clients=2, seconds=5.0, session_seconds=(3.0, 3.0)))
+    assert r["error_count"] >= 1 and not r["holds"], r
+    assert any("slot 1" in e for e in r["errors"]), r["errors"]

@@ -94,10 +94,13 @@ def serve_cmd(bundle, backend, threads, host, port, send_buffer_bytes, **limits)
 @click.option("--max-clients", default=128, show_default=True, type=click.IntRange(min=1), help="--search: largest N.")
 @click.option("--step", default=2, show_default=True, type=click.IntRange(min=1), help="--search: precision in clients.")
 @click.option("--max-batch", default=None, type=click.IntRange(min=1), help="Without --url: the server's --max-batch.")
+@click.option("--soak", is_flag=True,
+              help="Clients connecting and leaving for --seconds (each conversation 10 to 40 s): failed turns, "
+                   "errors and the server's memory drift (last minute vs second minute; holds within 5 %).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Also write the JSON results here.")
 def loadtest_cmd(url, bundle, clients, search_mode, budget_ms, seconds, start_clients, max_clients, step, max_batch,
-                 as_json, json_out):
+                 soak, as_json, json_out):
     """Real-time clients (20 ms chunks of synthetic speech) against timar-serve: turn latency
     p50/p95/p99 (turn audio complete -> motion received), late and failed turns, the server's CPU
     and memory (from its /metrics). The token, if the server needs one, is read from
@@ -106,6 +109,8 @@ def loadtest_cmd(url, bundle, clients, search_mode, budget_ms, seconds, start_cl
         from timar_sdk.serve import loadtest as lt
     except ImportError as e:
         raise _need_serve_extra("timar-loadtest", e) from e
+    if search_mode and soak:
+        raise click.UsageError("--search and --soak: choose one")
     token, proc = os.environ.get(TOKEN_ENV) or None, None
     if url is None:
         extra = ("--max-sessions", str(max(max_clients, clients) + 8))
@@ -114,7 +119,11 @@ def loadtest_cmd(url, bundle, clients, search_mode, budget_ms, seconds, start_cl
         click.echo(f"started timar-serve (pid {proc.pid}) on {url}", err=True)
     try:
         report = lambda r: None if as_json else click.echo(lt.describe(r))  # noqa: E731
-        if search_mode:
+        if soak:
+            result = asyncio.run(lt.soak(url, clients, seconds, budget_ms, token=token))
+            if not as_json:
+                click.echo(lt.describe_soak(result))
+        elif search_mode:
             result = asyncio.run(lt.search(url, budget_ms, seconds, start_clients, max_clients, step, token, report))
             if not as_json:
                 click.echo(f"largest N holding p99 <= {budget_ms:g} ms with no failed turn: {result['largest_clients']}")

@@ -171,6 +171,113 @@ async def search(url: str, budget_ms: float = 300.0, seconds: float = 60.0, star
     return {"budget_ms": budget_ms, "largest_clients": good, "first_failing": bad, "trials": trials}
 
 
+async def soak(url: str, clients: int, seconds: float = 600.0, budget_ms: float = 300.0,
+               session_seconds: tuple[float, float] = (10.0, 40.0), chunk_ms: int = 20, token: str | None = None,
+               seed: int = 0, grace_s: float = 5.0) -> dict:
+    """Clients connecting and leaving for `seconds`: `clients` slots, each opening a conversation,
+    streaming it in real time for a random length in `session_seconds`, waiting up to `grace_s`
+    for its last turns' motion, closing, and opening the next one at once. The server's memory
+    is sampled once a second; `rss_drift` compares the median of the last minute with the median
+    of the second minute (the first minute is warm-up: allocator pools, first sessions)."""
+    pool = _conversations(session_seconds[1] + 2.0)
+    rng = np.random.default_rng(seed)
+    stats_url = http_url_of(url)
+    end = time.perf_counter() + seconds
+    latency, counts, errors, rss_seen = [], {"conversations": 0, "turns_expected": 0, "failed": 0}, [], []
+
+    async def one_conversation(slot: int, length: float) -> None:
+        conn = await AsyncClient.connect(url, token, seed=int(rng.integers(1 << 31)))
+        samples, rate = conn.info["samples_per_turn"], conn.info["sample_rate"]
+        chunk = rate * chunk_ms // 1000
+        user, agent = pool[int(rng.integers(POOL))]
+        completed, received = [], [0]
+
+        async def receive() -> None:
+            while True:
+                try:
+                    c = await conn.receive()
+                except ServerError as e:
+                    errors.append(f"{e.code}: {e.message}")
+                    continue
+                except Exception:  # noqa: BLE001 - the connection is gone: its missing turns count as failed
+                    return
+                latency.append(time.perf_counter() - completed[c.turn])
+                received[0] += 1
+
+        receiver = asyncio.create_task(receive())
+        try:
+            start, sent = time.perf_counter(), 0
+            for tick in range(int(length * 1000 / chunk_ms)):
+                await asyncio.sleep(max(0.0, start + tick * chunk_ms / 1000 - time.perf_counter()))
+                await conn.send_audio(user[sent:sent + chunk], agent[sent:sent + chunk])
+                sent += chunk
+                while sent >= (len(completed) + 1) * samples:
+                    completed.append(time.perf_counter())
+            deadline = time.perf_counter() + grace_s
+            while received[0] < len(completed) and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+        finally:                            # a conversation cut short still counts its missing turns
+            receiver.cancel()
+            await conn.close()
+            counts["conversations"] += 1
+            counts["turns_expected"] += len(completed)
+            counts["failed"] += len(completed) - received[0]
+
+    async def slot_loop(slot: int) -> None:
+        await asyncio.sleep(slot * session_seconds[0] / clients)          # stagger the arrivals
+        while (left := end - time.perf_counter()) > 2.0:
+            try:
+                await one_conversation(slot, min(left - 1.0, float(rng.uniform(*session_seconds))))
+            except Exception as e:  # noqa: BLE001 - a refused or broken connection is what the soak counts
+                errors.append(f"slot {slot}: {type(e).__name__}: {e}")
+                await asyncio.sleep(1.0)
+
+    async def sample_memory() -> None:
+        t0 = time.perf_counter()
+        while True:
+            stats = await asyncio.to_thread(server_stats, stats_url)
+            if stats and stats["rss"]:
+                rss_seen.append((time.perf_counter() - t0, stats["rss"] / 1e6))
+            await asyncio.sleep(1.0)
+
+    sampler = asyncio.create_task(sample_memory())
+    await asyncio.gather(*(slot_loop(k) for k in range(clients)))
+    sampler.cancel()
+    ms = np.asarray(latency) * 1e3 if latency else np.full(1, np.nan)
+    result = {"mode": "soak", "clients": clients, "seconds": seconds, "budget_ms": budget_ms, **counts,
+              "turns": len(latency), "late": int((ms > budget_ms).sum()), "errors": errors[:20],
+              "error_count": len(errors),
+              "latency_ms": {q: float(np.percentile(ms, int(q[1:]))) for q in ("p50", "p95", "p99")}
+              | {"max": float(ms.max())}}
+    if rss_seen:
+        t, rss = np.array(rss_seen).T
+        second, last = rss[(t >= 60) & (t < 120)], rss[t >= t[-1] - 60]
+        result["server_rss_mb"] = {"first": float(rss[0]), "max": float(rss.max()), "last": float(rss[-1]),
+                                   "median_second_minute": float(np.median(second)) if len(second) else None,
+                                   "median_last_minute": float(np.median(last))}
+        if len(second):
+            result["rss_drift"] = float(np.median(last) / np.median(second) - 1.0)
+    result["holds"] = result["failed"] == 0 and not errors and abs(result.get("rss_drift", 0.0)) <= 0.05
+    return result
+
+
+def describe_soak(r: dict) -> str:
+    """The soak's result in a few lines."""
+    lat, rss = r["latency_ms"], r.get("server_rss_mb", {})
+    lines = [f"soak {r['seconds']:.0f} s, {r['clients']} client slots: {r['conversations']} conversations, "
+             f"{r['turns']}/{r['turns_expected']} turns, failed {r['failed']}, late {r['late']}, "
+             f"errors {r['error_count']}",
+             f"  turn latency p50 {lat['p50']:.0f}  p95 {lat['p95']:.0f}  p99 {lat['p99']:.0f}  max {lat['max']:.0f} ms"]
+    if rss:
+        drift = r.get("rss_drift")
+        lines.append(f"  server RSS first {rss['first']:.0f}, max {rss['max']:.0f}, last {rss['last']:.0f} MB; median "
+                     f"second minute {rss['median_second_minute'] or float('nan'):.0f} -> last minute "
+                     f"{rss['median_last_minute']:.0f} MB"
+                     + (f" ({drift * 100:+.1f} %)" if drift is not None else ""))
+    lines += [f"  error: {e}" for e in r["errors"][:5]]
+    return "\n".join(lines) + ("" if r["holds"] else "\n  (does not hold: failed turns, errors or memory drift > 5 %)")
+
+
 def start_server(bundle: str | None, port: int = 0, extra: tuple = (), timeout: float = 120.0) -> tuple:
     """`timar-serve` in a subprocess on 127.0.0.1; returns (process, ws url) once it listens."""
     cmd = [sys.executable, "-m", "timar_sdk.serve", "--host", "127.0.0.1", "--port", str(port), *extra]
