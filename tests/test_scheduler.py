@@ -2,6 +2,7 @@
 worker thread, and every stream gets the motion its Session would give alone."""
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +82,24 @@ def test_a_closed_scheduler_opens_no_streams():
     assert not scheduler._worker.is_alive()
     with pytest.raises(TimarInputError, match="scheduler: closed"):
         scheduler.open(seed=1)
+
+
+def test_close_with_discard_drops_the_turns_not_started():
+    """A listener that has gone: its queued turns are not computed (close without discard runs them all)."""
+    model = Model()
+    ua, um, aa = conversation(6, seed=70)
+    with Scheduler(model) as scheduler:
+        kept, dropped = scheduler.open(seed=1), scheduler.open(seed=2)
+        for stream in (kept, dropped):
+            stream.push(user_audio=ua.reshape(-1), agent_audio=aa.reshape(-1))      # six whole turns each
+        dropped.close(discard=True)
+        kept.close()
+        assert [kept.get(timeout=60).turn for _ in range(6)] == list(range(6))
+        deadline = time.monotonic() + 10
+        while scheduler._streams and time.monotonic() < deadline:                # both leave the scheduler
+            time.sleep(0.01)
+        assert not scheduler._streams
+    got = []
+    while not dropped._queue.empty():
+        got.append(dropped.get(timeout=0).turn)
+    assert got in ([], [0]), got               # at most the turn the worker had taken before the close

@@ -57,6 +57,7 @@ class Stream:
         self._completed_at: list[float] = []      # when each ready turn's input became complete
         self._queue: queue.Queue = queue.Queue()
         self._flush = False
+        self._discard = False
         self.closed = False
 
     def push(self, user_audio=None, user_motion=None, agent_audio=None) -> None:
@@ -79,12 +80,15 @@ class Stream:
             raise item
         return item
 
-    def close(self, flush: bool = True) -> None:
+    def close(self, flush: bool = True, discard: bool = False) -> None:
         """Stop taking input. Turns already complete still run and arrive on `get`; with `flush`,
         the trailing partial turn then runs too, padded as `Session.flush` pads it, and arrives
-        as a last, shorter chunk."""
-        self._flush = flush
-        self.closed = True
+        as a last, shorter chunk. With `discard` (a listener that has gone), no turn that has not
+        started runs: the scheduler drops the stream at its next round."""
+        with self._lock:                    # after this, _take_turn takes nothing more
+            self._flush = flush and not discard
+            self._discard = discard
+            self.closed = True
         self._scheduler._wake()
 
     # ---- used by the scheduler's worker ----------------------------------------------------
@@ -108,7 +112,7 @@ class Stream:
         """The first ready turn (inputs and the conversation it starts from), or None."""
         with self._lock:
             s, conv = self.session, self.session._conv
-            if not _ready(conv, s.samples, s.frames):
+            if self._discard or not _ready(conv, s.samples, s.frames):
                 return None
             ua, aa, um = conv.buffers
             turn = _Turn(s, conv, ua[:s.samples], um[:s.frames] if conv.motion_tracked else None, aa[:s.samples])
@@ -208,7 +212,7 @@ class Scheduler:
     def _round(self) -> bool:
         """One turn of every stream that has one, in batches; False when none had one."""
         with self._lock:
-            done = [s for s in self._streams if s.closed and not s.session.ready_turns]
+            done = [s for s in self._streams if s.closed and (s._discard or not s.session.ready_turns)]
             self._streams = [s for s in self._streams if s not in done]
             streams = list(self._streams)
         for stream in done:
