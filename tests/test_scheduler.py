@@ -78,8 +78,9 @@ def test_close_flushes_the_trailing_partial_turn():
 
 def test_a_closed_scheduler_opens_no_streams():
     scheduler = Scheduler(Model())
+    assert scheduler.alive
     scheduler.close()
-    assert not scheduler._worker.is_alive()
+    assert not scheduler.alive and not scheduler._worker.is_alive()
     with pytest.raises(TimarInputError, match="scheduler: closed"):
         scheduler.open(seed=1)
 

@@ -186,6 +186,11 @@ class Scheduler:
         self._wake()
         self._worker.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (False once closed, or if it died)."""
+        return self._worker.is_alive()
+
     def __enter__(self) -> "Scheduler":
         return self
 

@@ -4,7 +4,9 @@
     config.py      ServeConfig: the server's limits
     metrics.py     ServerMetrics: Prometheus metrics of one server
     connection.py  Connection: one client's conversation on the event loop
-    server.py      TimarServer (one Model, one Scheduler), ServerThread
+    conversations.py  Conversations: one Model, one Scheduler, the connections, admission, drain
+    server.py      TimarServer (Conversations on the websockets library), ServerThread
+    ray_app.py     the same on Ray Serve: N replicas behind its proxy (the `ray` extra)
     client.py      Client (blocking), AsyncClient (asyncio)
     loadtest.py    simulated real-time clients, latency percentiles, the largest N within a budget
     cli.py         timar-serve and timar-loadtest

@@ -83,9 +83,10 @@ class Client:
         return self._until(P.FLUSHED, timeout)[0]
 
     def reset(self, timeout: float = 30.0) -> None:
-        """Start the conversation again (turn 0, same settings); motion still in flight is dropped."""
+        """Start the conversation again (turn 0, same settings); motion still in flight is dropped.
+        `info` becomes the new `ready` message's."""
         self.websocket.send(P.encode_json(P.RESET))
-        self._until(P.READY, timeout)
+        self.info = self._until(P.READY, timeout)[1]["info"]
 
     def close(self) -> None:
         self._exit.close()

@@ -7,8 +7,9 @@ stream's motion (and turn errors) into this connection's outgoing queue; a sende
 that queue to the socket. A client that stops reading fills the queue and is closed (4001).
 
 The socket is anything with websockets' connection interface (`async for message in socket`,
-`await send(str | bytes)`, `await close(code, reason)`), so an ASGI WebSocket (e.g. under Ray
-Serve) can be adapted to it in a few lines.
+`await send(str | bytes)`, `await close(code, reason)`): a websockets connection (server.py), or
+an adapter of another transport (ray_app.StarletteSocket) that raises `SocketClosed` when the
+client is gone.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from timar_sdk.serve.config import ServeConfig
 from timar_sdk.serve.metrics import ServerMetrics
 
 
+class SocketClosed(ConnectionError):
+    """Raised by a socket adapter (not websockets', which raises its ConnectionClosed) when the
+    client is gone."""
+
+
 @dataclass(frozen=True)
 class _Close:
     """Queued after the last message: close the socket with this code and reason."""
@@ -35,9 +41,10 @@ class Connection:
     """One client. `run()` serves it until it closes; `finish()` ends it from the server side
     (shutdown) after the turns in flight; `tick()` is called a few times a second."""
 
-    def __init__(self, socket, scheduler: Scheduler, metrics: ServerMetrics, config: ServeConfig, max_steps: int):
+    def __init__(self, socket, scheduler: Scheduler, metrics: ServerMetrics, config: ServeConfig, max_steps: int,
+                 replica: str | None = None):
         self.socket, self.scheduler, self.metrics, self.config = socket, scheduler, metrics, config
-        self.max_steps = max_steps
+        self.max_steps, self.replica = max_steps, replica
         self.loop = asyncio.get_running_loop()
         self.last_message = self.loop.time()
         self.outgoing: asyncio.Queue = asyncio.Queue()
@@ -65,10 +72,10 @@ class Connection:
                 if close is not None:
                     await self.finish(close, P.CLOSE_NORMAL, "closed by the client")
                     await asyncio.wait([self._sender], timeout=self.config.close_timeout_s + 1)
-        except ConnectionClosed:
+        except (ConnectionClosed, SocketClosed):
             pass                                          # the client went away
         finally:
-            self._end_stream(flush=False)
+            self._end_stream(flush=False, discard=True)       # nobody to send the rest to
             self._sender.cancel()
 
     async def finish(self, flush: bool, code: int, reason: str) -> None:
@@ -93,7 +100,7 @@ class Connection:
             return
         self.closing = True
         self.metrics.errors.labels(error).inc()
-        self._end_stream(flush=False)
+        self._end_stream(flush=False, discard=True)
         if self._sender is not None:
             self._sender.cancel()
         self._closer = asyncio.create_task(self.socket.close(code, f"{error}: {message}"[:120]))
@@ -152,7 +159,7 @@ class Connection:
     def _reset(self) -> None:
         if self.state == "new":
             raise P.ProtocolError(P.BAD_STATE, "reset: send a start message first")
-        self._end_stream(flush=False)
+        self._end_stream(flush=False, discard=True)       # the old conversation's motion is dropped
         self._open_stream(self.settings)
 
     def _flush(self) -> None:
@@ -202,6 +209,8 @@ class Connection:
         self.settings, self.state = dict(settings), "open"
         self._new_stream_counts()
         info = {**self.stream.session.info, "max_buffer_s": self.config.max_buffer_s}
+        if self.replica is not None:
+            info["replica"] = self.replica
         self._send(P.encode_json(P.READY, info=info))
 
     def _new_stream_counts(self) -> None:
@@ -210,9 +219,10 @@ class Connection:
         self._expected: int | None = None  # frames the stream will deliver in all, once it is closed
         self._ended = asyncio.Event()
 
-    def _end_stream(self, flush: bool) -> None:
+    def _end_stream(self, flush: bool, discard: bool = False) -> None:
         """Close the current stream; its remaining turns (and, with flush, its padded tail) still
-        run, and `_expected` says how many frames they make (as Session.flush counts them)."""
+        run, and `_expected` says how many frames they make (as Session.flush counts them). With
+        `discard` (the client is gone or aborted), turns not yet started are dropped instead."""
         stream = self.stream
         if stream is None or stream.closed:
             return
@@ -225,7 +235,7 @@ class Connection:
             if self._fed["user_motion"]:
                 ready = min(ready, self._fed["user_motion"] // s.frames)
             self._expected = ready * s.frames
-        stream.close(flush=flush)
+        stream.close(flush=flush, discard=discard)
 
     def _on_motion(self, chunk: MotionChunk) -> None:
         """On the worker thread: count the turn, wake the loop to send it."""
@@ -288,5 +298,5 @@ class Connection:
                     await self.socket.close(item.code, item.reason)
                     return
                 await self.socket.send(item)
-        except ConnectionClosed:
+        except (ConnectionClosed, SocketClosed):
             pass
