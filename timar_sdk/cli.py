@@ -130,9 +130,18 @@ def train_cmd(preset_name, out, **kw):
 @click.option("--smoothing", default=None, metavar="REGION=SECONDS,...",
               help="The bundle's default output smoothing, e.g. expression=0.1,jaw=0.03,neck=0.25 "
                    "(time constants, 0..2 s; default: none).")
-def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, smoothing):
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="The graphs' arithmetic: fp32, fp16 (GPU/TensorRT; slower on a CPU) or int8 (dynamic "
+                   "quantisation; see timar-convert and EVALUATION.md's quality gate).")
+@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="The KV cache's element type: float16 halves each session's cache in the Python "
+                   "runtime (cached bundles).")
+def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, smoothing, precision, cache_dtype):
     """Export a checkpoint to a bundle: ONNX graphs and manifest.json."""
     defaults = {"temperature": temperature, "smoothing": parse_smoothing(smoothing)}
+    if Path(out).exists() and (precision, cache_dtype) != ("fp32", "float32"):
+        raise click.BadParameter(f"{out} exists; expected a new folder for a converted bundle", param_hint="--out")
+    final, out = out, (out if (precision, cache_dtype) == ("fp32", "float32") else f"{out}.fp32-export")
     try:
         from timar_sdk.export.onnx_export import export_bundle, export_window_bundle
         from timar_sdk.model import authors
@@ -160,8 +169,48 @@ def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, s
         model = model_from_checkpoint(raw, path, ema=ema)     # the file is read once
         manifest = export_bundle(model, out, opset=opset, batch=batch, source=source, ema=ema,
                                  defaults=defaults)
+    if final != out:
+        import shutil
+        from timar_sdk.export.precision import convert_bundle
+        try:
+            manifest = convert_bundle(out, final, precision, cache_dtype)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    _report_bundle(final, manifest)
+
+
+def _report_bundle(out, manifest: dict) -> None:
     sizes = {g["file"]: (Path(out) / g["file"]).stat().st_size / 1e6 for g in manifest["graphs"].values()}
-    click.echo(f"wrote {out} ({manifest['attention']}): " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+    precisions = sorted({g.get("precision", "fp32") for g in manifest["graphs"].values()})
+    cache = f", cache {manifest['cache'].get('dtype', 'float32')}" if "cache" in manifest else ""
+    click.echo(f"wrote {out} ({manifest['attention']}, {'/'.join(precisions)}{cache}): "
+               + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
+
+
+@tool("timar-convert")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="fp16 (ONNX Runtime's float16 converter; softmax, layer norm, the log-mel front end and "
+                   "the time embedding stay fp32) or int8 (ONNX Runtime quantisation of MatMul/Gemm); fp32 "
+                   "changes only the cache dtype.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle folder to write.")
+@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="The KV cache's element type: float16 halves each session's cache in the Python "
+                   "runtime (cached bundles).")
+@click.option("--int8-method", default=None, type=click.Choice(["dynamic", "static"]),
+              help="int8: the quantisation of every quantised graph (default: per graph, as measured in "
+                   "BENCHMARKS.md: dynamic, the audio encoder left fp32); static = QDQ calibrated on "
+                   "synthetic conversations.")
+def convert_cmd(bundle, precision, out, cache_dtype, int8_method):
+    """Convert an FP32 bundle folder to an FP16 or INT8 bundle (and/or a float16 cache) in a new
+    folder: graphs rewritten, their sha256 and the manifest's precision fields updated."""
+    try:
+        from timar_sdk.export.precision import convert_bundle
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"timar-convert needs the export extra: {install_hint('export')} ({e})")
+    manifest = convert_bundle(bundle, out, precision, cache_dtype, int8_method)
+    _report_bundle(out, manifest)
 
 
 def parse_smoothing(text: str | None) -> dict | None:

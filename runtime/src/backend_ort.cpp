@@ -104,6 +104,7 @@ class HostTurnKv final : public TurnKv {
   }
   int rows = 0;
   std::vector<float> present, stacked;
+  std::vector<Ort::Float16_t> half_cache, half_present;   // float16-cache bundles: the graph's side
 
  private:
   KvShape shape_;
@@ -114,7 +115,8 @@ class OrtBackend final : public Backend {
   OrtBackend(const Bundle& b, const BackendConfig& cfg)
       : kind_(cfg.kind), F_(b.frames), S_(b.samples), Da_(b.speech_dim), Dz_(b.z_dim), P_(b.tokens_per_turn),
         D_(b.token_dim), kv_(b),
-        graphs_(b.graph_names()), cache_inputs_(b.cache_inputs), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+        graphs_(b.graph_names()), cache_inputs_(b.cache_inputs), cache_fp16_(b.cache_fp16),
+        mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
     Ort::SessionOptions opts;
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);   // one graph at a time: no inter-op pool
@@ -217,12 +219,28 @@ class OrtBackend final : public Backend {
     in.push_back(Ort::Value::CreateTensor<int64_t>(mem_, const_cast<int64_t*>(x.past_turn_age), size_t(r * sp),
                                                    ages.data(), 2));
     const size_t block = kv_.cache_floats(x.rows) / (size_t(kv_.L) * 2);   // one input: [rows, H, S*P, hd]
-    for (size_t i = 0; i < cache_inputs_.size(); ++i)
-      in.push_back(tensor(const_cast<float*>(cache) + i * block, block, past.data(), 4));
-    std::array<Ort::Value, 2> out{tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
-                                  tensor(kv.present.data(), kv.present.size(), present.data(), 6)};
+    if (cache_fp16_) {   // float16 keys/values in and out (the host cache holds float16 values in float32)
+      kv.half_cache.resize(kv_.cache_floats(x.rows));
+      kv.half_present.resize(kv.present.size());
+      std::transform(cache, cache + kv.half_cache.size(), kv.half_cache.begin(),
+                     [](float v) { return Ort::Float16_t(v); });
+      for (size_t i = 0; i < cache_inputs_.size(); ++i)
+        in.push_back(Ort::Value::CreateTensor<Ort::Float16_t>(mem_, kv.half_cache.data() + i * block, block,
+                                                              past.data(), 4));
+    } else {
+      for (size_t i = 0; i < cache_inputs_.size(); ++i)
+        in.push_back(tensor(const_cast<float*>(cache) + i * block, block, past.data(), 4));
+    }
+    std::array<Ort::Value, 2> out{
+        tensor(z, size_t(r) * F_ * Dz_, zs.data(), 3),
+        cache_fp16_ ? Ort::Value::CreateTensor<Ort::Float16_t>(mem_, kv.half_present.data(), kv.half_present.size(),
+                                                               present.data(), 6)
+                    : tensor(kv.present.data(), kv.present.size(), present.data(), 6)};
     const char* out_names[] = {"z", "present_key_values"};
     run(graph("encoder_step"), step_in_names_.data(), in.data(), in.size(), out_names, out.data(), out.size());
+    if (cache_fp16_)
+      std::transform(kv.half_present.begin(), kv.half_present.end(), kv.present.begin(),
+                     [](Ort::Float16_t v) { return v.ToFloat(); });
   }
 
   void denoise(const float* x, const float* t, const float* z, int n, float* out) override {
@@ -279,6 +297,7 @@ class OrtBackend final : public Backend {
   KvShape kv_;
   std::vector<const char*> graphs_;
   std::vector<std::string> cache_inputs_;
+  bool cache_fp16_ = false;
   std::vector<const char*> step_in_names_;   // encoder_step's inputs in order; the last point into cache_inputs_
   Ort::MemoryInfo mem_;
   std::vector<Ort::Session> sessions_;

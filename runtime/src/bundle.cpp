@@ -223,6 +223,13 @@ void read_cache(const Reader& r, const json& m, Bundle& b) {
              i == 4 ? "(context_turns - 1) * tokens_per_slot = " + std::to_string(want[i]) : std::to_string(want[i]),
              shape.is_array() && shape.size() == 6 ? shape[i].dump() : shape.dump());
   }
+  // cache.dtype (absent: float32): "float16" is a bundle converted with a half-size cache
+  // (timar-convert --cache-dtype float16); encoder_step then takes and gives float16 keys/values.
+  if (cache.is_object() && cache.contains("dtype")) {
+    const std::string dtype = r.string(cache, "dtype", "cache.dtype");
+    if (dtype != "float32" && dtype != "float16") r.fail("cache.dtype", "'float32' or 'float16'", "'" + dtype + "'");
+    b.cache_fp16 = dtype == "float16";
+  }
   // encoder_step's cache inputs: input i is cache[i / 2][i % 2] (layer, key/value).
   const json& names = r.at(cache, "past_key_values_inputs", "cache.past_key_values_inputs");
   if (!names.is_array() || names.size() != size_t(2 * b.layers))

@@ -48,6 +48,10 @@ struct Bundle {
   // cached only: encoder_step's cache inputs, 2 * layers names; input i is the block
   // cache[i / 2][i % 2] [rows, H, slots*P, hd] of the cache [L, 2, rows, H, slots*P, hd].
   std::vector<std::string> cache_inputs;
+  // cached only: encoder_step's cache inputs and present output are float16 (manifest cache.dtype
+  // "float16"). The ONNX Runtime backend keeps its host cache in float32 holding float16 values
+  // (exact both ways) and casts at the graph's boundary: the same output, not the smaller cache.
+  bool cache_fp16 = false;
   int token_dim = 0;              // window only: D of token_embed tokens [B, P, D]
   double audio_norm_eps = 1e-7;   // window only: audio_normalization (mode "running").eps
   int speech_dim = 0;             // Da: user_speech [B, F, Da] of encoder_step or token_embed

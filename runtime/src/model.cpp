@@ -32,6 +32,9 @@ void check_options(const Bundle& b, const timar_model_options& o) {
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "device_id: expected a GPU index >= 0, got " + std::to_string(o.device_id));
   if (o.backend < TIMAR_BACKEND_AUTO || o.backend > TIMAR_BACKEND_TENSORRT)
     throw Error(TIMAR_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(o.backend));
+  if (b.cache_fp16 && o.backend == TIMAR_BACKEND_TENSORRT)
+    throw Error(TIMAR_ERR_UNSUPPORTED, "backend: this bundle's KV cache is float16 (cache.dtype); the TensorRT backend "
+                                       "keeps a float32 cache: convert the bundle without --cache-dtype float16");
   if (b.window && o.backend == TIMAR_BACKEND_TENSORRT)
     throw Error(TIMAR_ERR_UNSUPPORTED, "backend: TensorRT runs cached bundles only; this window_recompute bundle "
                                        "(an authors' model) runs with TIMAR_BACKEND_ORT_CPU or TIMAR_BACKEND_ORT_CUDA");
@@ -43,7 +46,7 @@ int pick_backend(const Bundle& b, int wanted) {
   const char* force_cpu = std::getenv("TIMAR_FORCE_CPU");
   const bool cpu_only = force_cpu && *force_cpu && std::strcmp(force_cpu, "0") != 0;
 #ifdef TIMAR_WITH_TENSORRT
-  if (!cpu_only && !b.window && !b.engines.empty()) return TIMAR_BACKEND_TENSORRT;
+  if (!cpu_only && !b.window && !b.cache_fp16 && !b.engines.empty()) return TIMAR_BACKEND_TENSORRT;
 #endif
   if (!cpu_only && ort_has_cuda()) return TIMAR_BACKEND_ORT_CUDA;
   return TIMAR_BACKEND_ORT_CPU;

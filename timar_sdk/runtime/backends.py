@@ -24,9 +24,11 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 class HostCacheBackend:
-    """The cache as one host numpy array [L, 2, rows, H, (W-1)*P, hd], written in place."""
+    """The cache as one host numpy array [L, 2, rows, H, (W-1)*P, hd], written in place, of the
+    bundle's cache dtype (float32, or float16 in a half-size-cache bundle)."""
 
     def _init_cache(self, bundle: Bundle) -> None:
+        self.cache_dtype = bundle.cache_dtype
         self.cache_shape = [d if isinstance(d, int) else 1 for d in bundle["cache"]["past_key_values_shape"]]
         self.tokens_per_slot = bundle["cache"]["tokens_per_slot"]
         self.cache_inputs = bundle["cache"]["past_key_values_inputs"]
@@ -47,7 +49,7 @@ class HostCacheBackend:
         if buffer is None or buffer.shape[2] < rows:
             shape = list(caches[0].shape)
             shape[2] = rows
-            buffer = self._staging.buffer = np.empty(shape, np.float32)
+            buffer = self._staging.buffer = np.empty(shape, self.cache_dtype)
         out = buffer[:, :, :rows]
         np.concatenate(caches, axis=2, out=out)
         return out
@@ -55,7 +57,7 @@ class HostCacheBackend:
     def new_cache(self, rows: int) -> np.ndarray:
         shape = list(self.cache_shape)
         shape[2] = rows
-        return np.zeros(shape, np.float32)
+        return np.zeros(shape, self.cache_dtype)
 
     def commit(self, cache: np.ndarray, present: np.ndarray, slot: int) -> np.ndarray:
         p = self.tokens_per_slot
@@ -66,9 +68,8 @@ class HostCacheBackend:
     def cache_to_numpy(cache: np.ndarray) -> np.ndarray:
         return cache.copy()
 
-    @staticmethod
-    def cache_from_numpy(array: np.ndarray) -> np.ndarray:
-        return np.array(array, np.float32, copy=True)
+    def cache_from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, self.cache_dtype, copy=True)
 
 
 class OrtBackend(HostCacheBackend):
@@ -162,6 +163,7 @@ class TorchBackend(HostCacheBackend):
         self.graphs = bundle.modules if bundle.modules is not None else _checkpoint_modules(bundle)
         if bundle["attention"] == "cached":
             self._init_cache(bundle)
+            self.cache_dtype = np.dtype(np.float32)     # the FP32 modules, whatever the bundle's graphs
         self.providers = ["torch-cpu"]
         self.device = "cpu"
 

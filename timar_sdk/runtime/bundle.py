@@ -91,6 +91,11 @@ def check_consistency(m: dict, where: str = "manifest.json") -> None:
         if len(c["past_key_values_inputs"]) != 2 * c["layers"]:
             fail("cache.past_key_values_inputs", f"2 * layers = {2 * c['layers']} names",
                  len(c["past_key_values_inputs"]))
+        step = {t["name"]: t["dtype"] for t in m["graphs"].get("encoder_step", {}).get("inputs", [])}
+        dtype = c.get("dtype", "float32")
+        wrong = [n for n in c["past_key_values_inputs"] if n in step and step[n] != dtype]
+        if wrong:
+            fail(f"graphs.encoder_step.inputs {wrong[0]!r} dtype", f"cache.dtype {dtype!r}", step[wrong[0]])
     elif m["window"]["max_turns"] != w:
         fail("window.max_turns", f"context_turns = {w}", m["window"]["max_turns"])
     sampling = m["sampling"]
@@ -228,6 +233,12 @@ class Bundle:
     @property
     def motion_std(self) -> np.ndarray:
         return np.asarray(self.manifest["motion_std"], np.float32)
+
+    @property
+    def cache_dtype(self) -> np.dtype:
+        """The KV cache's element type (cached bundles): float32, or float16 in a bundle converted
+        with a half-size cache (timar_sdk.export.precision); bundles that do not record it: float32."""
+        return np.dtype(self.manifest.get("cache", {}).get("dtype", "float32"))
 
     @property
     def alphas_cumprod(self) -> np.ndarray:

@@ -163,11 +163,13 @@ class Session:
     @property
     def state_bytes(self) -> int:
         """Memory of this conversation's model state: the KV cache (cached bundles:
-        layers x 2 x rows x heads x (W-1)*110 x head_dim float32) or the token window and audio
-        statistics (window_recompute bundles, at most W-1 turns of 110 tokens)."""
+        layers x 2 x rows x heads x (W-1)*110 x head_dim values of the bundle's cache dtype: float32,
+        or float16 in a half-size-cache bundle) or the token window and audio statistics
+        (window_recompute bundles, at most W-1 turns of 110 tokens)."""
         if self.window:
             return sum(t.nbytes for t in self._conv.tokens)
-        return int(np.prod(self.backend.cache_shape[:2])) * self.rows * int(np.prod(self.backend.cache_shape[3:])) * 4
+        values = int(np.prod(self.backend.cache_shape[:2])) * self.rows * int(np.prod(self.backend.cache_shape[3:]))
+        return values * np.dtype(getattr(self.backend, "cache_dtype", self.bundle.cache_dtype)).itemsize
 
     def reset(self) -> None:
         """Back to a fresh session: empty cache and buffers, generator at its seed."""
@@ -288,7 +290,7 @@ class Session:
 
     def get_state(self, include_buffers: bool = True) -> dict:
         """A snapshot to fork or restore later: the bundle id, the settings, the cache (cached
-        bundles, `state_bytes` of float32) or token window and audio statistics, the ring ages,
+        bundles, `state_bytes` of the cache dtype) or token window and audio statistics, the ring ages,
         the generator counter, and (include_buffers) the audio and motion not yet in a turn."""
         c = self._conv
         state = {"bundle": self.bundle.id, "settings": self._settings(), "rows": self.rows,
