@@ -402,3 +402,34 @@ def test_prime_audio_normalization_refuses_bad_input_and_cached_bundles(authors)
         assert session.get_state()["audio_norm"] == before          # nothing applied, not even user_audio
     with pytest.raises(TimarInputError, match="^user_audio: prime_audio_normalization is for window_recompute"):
         Session(backend="onnxruntime").prime_audio_normalization(user_audio=cu)
+
+
+# ---- fused attention in the window graph (issue 16 item 4) ---------------------------------------
+def test_fused_and_portable_window_graphs_equal_torch(authors, tmp_path):
+    """The window graph exported with ONNX Runtime's MultiHeadAttention (the default) and with
+    portable MatMul/Softmax attention: each gives the eager model's z within 1e-5, for a full
+    window (turn-causal mask in every block but the last) and a one-turn window, batch 2."""
+    import onnxruntime as ort
+
+    from timar_sdk.export.onnx_export import export_window_bundle
+    from timar_sdk.export.op_support import unsupported_ops
+
+    model = load_authors_model(authors["ckpt"], str(authors["w2v"]))
+    g = torch.Generator().manual_seed(3)
+    windows = [torch.randn(2, turns * 110, authors["width"], generator=g) for turns in (8, 1)]
+    for fused in (True, False):
+        out = export_window_bundle(model, tmp_path / f"fused_{fused}", fused_attention=fused)
+        graph = tmp_path / f"fused_{fused}" / "window_encoder.onnx"
+        assert unsupported_ops(graph) == (["com.microsoft:MultiHeadAttention"] if fused else [])
+        assert out["attention"] == "window_recompute"
+        sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        for tokens in windows:
+            with torch.no_grad():
+                want = model.forward_window(tokens).numpy()
+            got = sess.run(None, {"tokens": tokens.numpy()})[0]
+            assert got.shape == want.shape == (2, 25, authors["width"])
+            assert np.abs(got - want).max() < 1e-5, (fused, tokens.shape)
+    assert model.onnx_attention == "fused"          # the export's setting does not stay on the model
+    with pytest.raises(ValueError, match="^fused_attention: expected True or False, got 'yes'"):
+        export_window_bundle(model, tmp_path / "bad", fused_attention="yes")
+    assert not (tmp_path / "bad").exists()

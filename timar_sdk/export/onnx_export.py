@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from timar_sdk.export.manifest import build_manifest, build_window_manifest, check_streamable, with_defaults
-from timar_sdk.export.op_support import check_ops
+from timar_sdk.export.op_support import SUPPORTED_OPS_FILE, check_ops, unsupported_ops
 from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
                                     cache_input_names, example_inputs, graph_modules, window_example_inputs,
                                     window_graph_modules)
@@ -94,8 +94,10 @@ def export_bundle(model: Timar, out_dir: str | Path, opset: int = 17, batch: int
                          lambda graphs: with_defaults(build_manifest(model, graphs, source, ema), **(defaults or {})))
 
 
-def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_manifest) -> dict:
-    """Save the graphs, check their ops, write the manifest; the folder appears whole or not at all."""
+def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_manifest,
+                  extra_ops: dict[str, frozenset[str]] | None = None) -> dict:
+    """Save the graphs, check their ops, write the manifest; the folder appears whole or not at all.
+    extra_ops: per graph, operators allowed beyond the portable list (op_support)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +106,13 @@ def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_
     for name, proto in protos.items():
         path = tmp / f"{name}.onnx"
         onnx.save(proto, str(path))
-        check_ops(path)
+        allowed = (extra_ops or {}).get(name)
+        if allowed is None:
+            check_ops(path)
+        elif set(unsupported_ops(path)) - allowed:
+            raise ValueError(f"{path}: operator(s) not supported by both ONNX Runtime (CPU) and TensorRT 10: "
+                             f"{', '.join(sorted(set(unsupported_ops(path)) - allowed))} (supported list: "
+                             f"{SUPPORTED_OPS_FILE.name}, and {', '.join(sorted(allowed))} in this graph)")
         ins, outs = _io_spec(proto)
         graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
     manifest = make_manifest(graphs)
@@ -117,22 +125,36 @@ def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_
 
 
 def export_window_bundle(model, out_dir: str | Path, opset: int = 17, source: str = "",
-                         ema: bool = True, defaults: dict | None = None) -> dict:
+                         ema: bool = True, defaults: dict | None = None, fused_attention: bool = True) -> dict:
     """Write a window-recompute bundle for an authors' model (timar_sdk.model.authors.WindowTimar):
     audio_encoder (wav2vec2 + interpolation), token_embed (one turn's tokens), window_encoder
     (the whole window, 1..W turns, dynamic token axis), denoiser; manifest attention
-    'window_recompute'."""
+    'window_recompute'.
+
+    fused_attention: window_encoder's attention as ONNX Runtime's MultiHeadAttention
+    (com.microsoft domain; every runtime of window bundles runs ONNX Runtime, and TensorRT does
+    not build window bundles), faster on the CPU (BENCHMARKS.md); False writes portable
+    MatMul/Softmax attention."""
+    from timar_sdk.model.authors import FUSED_ATTENTION_OPS
+
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer (LayerNormalization), got {opset}")
+    if not isinstance(fused_attention, bool):
+        raise ValueError(f"fused_attention: expected True or False, got {fused_attention!r}")
     model = model.eval().cpu()
     inputs = window_example_inputs(model)
     axes = {"audio_encoder": _dynamic_axes("audio_encoder"), "denoiser": _dynamic_axes("denoiser"),
             "token_embed": {**{n: {0: "batch"} for n in TOKEN_INPUTS}, "tokens": {0: "batch"}},
             "window_encoder": {"tokens": {0: "batch", 1: "window_tokens"}, "z": {0: "batch"}}}
-    protos = {name: trace_graph(module, inputs[name], WINDOW_GRAPH_OUTPUTS[name], axes[name], opset)
-              for name, module in window_graph_modules(model).items()}
+    before, model.onnx_attention = model.onnx_attention, "fused" if fused_attention else "portable"
+    try:
+        protos = {name: trace_graph(module, inputs[name], WINDOW_GRAPH_OUTPUTS[name], axes[name], opset)
+                  for name, module in window_graph_modules(model).items()}
+    finally:
+        model.onnx_attention = before
     return _write_bundle(out_dir, protos,
-                         lambda graphs: with_defaults(build_window_manifest(model, graphs, source, ema), **(defaults or {})))
+                         lambda graphs: with_defaults(build_window_manifest(model, graphs, source, ema), **(defaults or {})),
+                         {"window_encoder": FUSED_ATTENTION_OPS} if fused_attention else None)
 
 
 def ort_vs_torch(bundle_dir: str | Path, model: Timar, name: str,

@@ -1,8 +1,10 @@
-"""TensorRT engines for a bundle (``timar-build``), with the TensorRT 10 Python API.
+"""TensorRT engines for a bundle (``timar-build``), with the TensorRT 10 or 11 Python API.
 
 For every graph in ``manifest.json`` this parses the ONNX file with ``trt.OnnxParser``, builds
-one optimisation profile covering the manifest's dynamic axes, optionally enables FP16 while
-keeping normalisation (and, by default, reduction) layers in FP32, reuses a timing cache kept
+one optimisation profile covering the manifest's dynamic axes, chooses the network typing and
+builder flags from the graph's precision (``timar_sdk.runtime.tensorrt_compat``: FP16 graphs and
+INT8 Q/DQ graphs are built strongly typed; ``--fp16`` on an FP32 graph enables FP16 kernels while
+keeping normalisation and reduction layers in FP32, TensorRT 10 only), reuses a timing cache kept
 in the bundle (``engines/timing.cache``), and writes ``engines/<gpu-slug>-trt<version>/<graph>.plan``.
 The engine set is then recorded in the manifest's ``engines`` list (schema ``engine_set``:
 ``dir``, ``gpu``, ``tensorrt``, ``files``, plus build details); nothing else in the manifest changes.
@@ -11,9 +13,9 @@ Dynamic axes (shape entries that are strings): ``batch`` = 1..max_batch (opt min
 one conversation with its CFG row), ``rows`` = 1..max_batch*frames_per_turn (opt
 opt_batch*frames_per_turn). Engines are tied to the GPU model and TensorRT version that built them.
 
-Written against NVIDIA's TensorRT 10 Python API documentation; no TensorRT was available where
-this was written, so the build path has only been exercised where ``tests/test_op_support.py``
-finds ``tensorrt`` and a CUDA GPU.
+Written against NVIDIA's TensorRT 10 and 11 Python API documentation; no TensorRT was available
+where this was written, so the build path has only been exercised where ``tests/test_op_support.py``
+and ``tests/test_tensorrt_api.py`` find ``tensorrt`` and a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any, Mapping, Sequence
 import click
 
 from timar_sdk.cli import tool
+from timar_sdk.export.precision import graph_precision
 from timar_sdk.runtime.bundle import MANIFEST, Bundle, sha256_of, write_manifest
+from timar_sdk.runtime.tensorrt_compat import BuildSettings, apply_settings, build_settings, create_network
 from timar_sdk.runtime.tensorrt_env import (INSTALL_HINT, TensorRTUnavailable,  # noqa: F401 - re-exported
                                             check_tensorrt_available, gpu_info)
 
@@ -138,14 +142,57 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_qdq(onnx_path: str | Path, graph: str = "graph") -> int:
+    """An INT8 graph TensorRT can build: explicit Q/DQ only (no MatMulInteger / DynamicQuantizeLinear /
+    QLinear* operators), and every QuantizeLinear/DequantizeLinear zero point int8 and 0 (TensorRT
+    quantises symmetrically; uint8 or asymmetric activations are refused). Returns the number of
+    Q/DQ nodes; raises ValueError naming the graph and the first offending node otherwise."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger") or node.op_type.startswith("QLinear"):
+            raise ValueError(f"{graph}: node {node.name!r} is {node.op_type} (operator-based quantisation); "
+                             "TensorRT builds explicit Q/DQ graphs only: convert with static Q/DQ quantisation")
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        count += 1
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is None:
+            continue                          # no zero point: 0
+        values = numpy_helper.to_array(zp)
+        if values.dtype.name != "int8" or values.any():
+            raise ValueError(f"{graph}: {node.op_type} {node.name!r} has a {values.dtype.name} zero point "
+                             f"{values.ravel()[:4].tolist()}; TensorRT needs symmetric int8 quantisation "
+                             "(zero point int8 0): convert with int8 symmetric activations")
+    if count == 0:
+        raise ValueError(f"{graph}: the manifest says int8 but the graph has no QuantizeLinear/DequantizeLinear")
+    return count
+
+
+def plan_builds(manifest: Mapping[str, Any], names: Sequence[str], version: str, fp16: bool,
+                graph_paths: Mapping[str, Path]) -> dict[str, BuildSettings]:
+    """The build settings of each graph for TensorRT `version`, from its manifest precision; checks
+    every graph before anything is built (ValueError naming the graph)."""
+    settings = {}
+    for name in names:
+        g = manifest["graphs"][name]
+        precision = graph_precision(g)
+        settings[name] = build_settings(version, precision, fp16, name, g.get("quantization"))
+        if precision == "int8":
+            check_qdq(graph_paths[name], name)
+    return settings
+
+
 def _build_one(trt: Any, logger: Any, onnx_path: Path, shapes: Mapping[str, Mapping[str, list[int]]],
-               fp16: bool, workspace_bytes: int, cache_path: Path, fp32_layers: Sequence[str]) -> tuple[bytes, int]:
+               settings: BuildSettings, workspace_bytes: int, cache_path: Path,
+               fp32_layers: Sequence[str]) -> tuple[bytes, int]:
     """Parse, configure and build one engine; returns (serialized plan, number of FP32-pinned layers)."""
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    # Explicit batch is the only mode (and the default) from TensorRT 10; older versions need the flag.
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = create_network(trt, builder, settings)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or ["(no error reported)"]
@@ -166,18 +213,8 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, shapes: Mapping[str, Mapp
     if shapes:
         config.add_optimization_profile(profile)
 
-    pinned = 0
-    if fp16:
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise RuntimeError(f"--fp16 uses BuilderFlag.FP16, which TensorRT {trt.__version__} no longer has "
-                               "(strongly typed networks only); build FP32 or use TensorRT 10.x")
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = _pin_fp32(trt, network, fp32_layers)
-    else:
-        # TF32 is on by default on Ampere and newer; an FP32 engine should compute in FP32 so it
-        # matches ONNX Runtime to the parity tolerance.
-        config.clear_flag(trt.BuilderFlag.TF32)
+    apply_settings(trt, config, settings)
+    pinned = _pin_fp32(trt, network, fp32_layers) if settings.pin_fp32 else 0
 
     # Timing cache shared by all builds of this bundle. A cache from another GPU or TensorRT
     # version is refused (ignore_mismatch=False) and replaced by a fresh one.
@@ -202,9 +239,13 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
                   fp32_layers: Sequence[str] = FP32_LAYER_TYPES) -> dict:
     """Build one TensorRT engine per bundle graph on the current GPU and record them in manifest.json.
 
+    Each graph is built at the precision the manifest gives it (``graphs.<name>.precision``,
+    absent = fp32; ``tensorrt_compat``): FP16 graphs and INT8 Q/DQ graphs strongly typed.
+
     Args:
         bundle_dir: bundle folder (``manifest.json`` and the ONNX graphs it lists).
-        fp16: allow FP16 kernels; layers of ``fp32_layers`` types stay FP32.
+        fp16: allow FP16 kernels in FP32 graphs (TensorRT 10 only); layers of ``fp32_layers``
+            types stay FP32.
         workspace_gb: builder workspace memory pool limit, GiB.
         max_batch: largest batch of the optimisation profile (``rows`` axis: max_batch * frames_per_turn).
         timing_cache: timing cache file, loaded if present and rewritten after each build
@@ -212,11 +253,14 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
         graphs: subset of graph names to build (default: all in the manifest).
     Returns:
         The engine-set entry written to ``manifest["engines"]`` (``dir``, ``gpu``, ``tensorrt``,
-        ``compute_capability``, ``fp16``, ``max_batch``, ``files`` {graph: file, sha256, profile, ...}).
+        ``compute_capability``, ``fp16``, ``max_batch``, ``files`` {graph: file, sha256, profile,
+        precision, strongly_typed, ...}).
     Raises:
         TensorRTUnavailable: TensorRT, pycuda or a GPU is missing (before anything else is done).
         FileNotFoundError / ValueError: bundle problems (missing file, sha256 mismatch, unknown axis).
         RuntimeError: TensorRT could not parse or build a graph (parser errors listed).
+        ValueError also: a precision this TensorRT cannot build (``--fp16`` on TensorRT 11,
+            dynamically quantised or asymmetric INT8 graphs).
     """
     check_tensorrt_available()
     import tensorrt as trt
@@ -239,6 +283,7 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
         g = manifest["graphs"][name]
         path, digest = loaded.graph_path(name), g["sha256"]
         plans[name] = (path, digest, profile_shapes(g["inputs"], ranges, name))
+    settings = plan_builds(manifest, names, trt.__version__, fp16, {n: p[0] for n, p in plans.items()})
 
     gpu = gpu_info()
     rel_dir = Path("engines") / f"{slug(gpu['name'])}-trt{trt.__version__}"
@@ -247,12 +292,14 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
     files: dict[str, dict] = {}
     for name, (path, digest, shapes) in plans.items():
         t0 = time.perf_counter()
-        plan, pinned = _build_one(trt, logger, path, shapes, fp16, int(workspace_gb * (1 << 30)),
+        plan, pinned = _build_one(trt, logger, path, shapes, settings[name], int(workspace_gb * (1 << 30)),
                                   cache_path, fp32_layers)
         rel = rel_dir / f"{name}.plan"
         _write_atomic(bundle / rel, plan)
         files[name] = {"file": rel.as_posix(), "sha256": sha256_of(bundle / rel), "onnx_sha256": digest,
                        "bytes": len(plan), "profile": shapes, "fp32_layers": pinned,
+                       "precision": graph_precision(manifest["graphs"][name]),
+                       "strongly_typed": settings[name].strongly_typed,
                        "build_seconds": round(time.perf_counter() - t0, 1)}
 
     entry = {"dir": rel_dir.as_posix(), "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
@@ -271,7 +318,8 @@ def build_engines(bundle_dir: str | Path, fp16: bool = False, workspace_gb: floa
 @tool("timar-build")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Bundle folder written by timar-export.")
-@click.option("--fp16", is_flag=True, help="Allow FP16 kernels (normalisation/reductions stay FP32).")
+@click.option("--fp16", is_flag=True, help="Allow FP16 kernels in FP32 graphs (normalisation/reductions stay FP32; "
+              "TensorRT 10 only). FP16 and INT8 bundles are built at their own precision without it.")
 @click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="Builder workspace memory limit, GiB.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,

@@ -97,6 +97,10 @@ class WindowTimar(nn.Module):
         self.register_buffer("motion_mean", torch.zeros(MOTION_DIM))
         self.register_buffer("motion_std", torch.ones(MOTION_DIM))
         self._agent = turn_layout(f)["agent_motion"]
+        # How ONNX export writes attention: "fused" (ONNX Runtime's MultiHeadAttention, one operator
+        # per block) or "portable" (MatMul/Softmax, the ops every runtime runs). Eager torch is the
+        # same either way; export_window_bundle(fused_attention=...) sets it while tracing.
+        self.onnx_attention = "fused"
 
     def num_params(self) -> int:
         """Parameters of the authors' model: the speech model is not counted (it is not in their
@@ -131,11 +135,11 @@ class WindowTimar(nn.Module):
         # Turn-causal: a token sees every token of its own and earlier turns of the window.
         bias = torch.where(turn[None, :] <= turn[:, None], 0.0, MASK_BIAS)[None, None].to(x.dtype)
         current = slice(self._agent[0] - p, self._agent[1] - p)       # agent motion of the last turn
+        fused = self.onnx_attention == "fused" and torch.onnx.is_in_onnx_export()
         for i, block in enumerate(self.blocks):
-            if i < len(self.blocks) - 1:
-                x, _ = block(x, bias)
-            else:   # the current turn sees the whole window: no mask, and only F queries are read
-                x, _ = block(x, None, keep=current)
+            # The last block: the current turn sees the whole window (no mask), only F queries are read.
+            mask, keep = (bias, None) if i < len(self.blocks) - 1 else (None, current)
+            x = fused_attention_block(block, x, mask, keep) if fused else block(x, mask, keep=keep)[0]
         return self.norm(x) + self.diffusion_pos_embed[index][current]
 
     def normalize(self, motion: torch.Tensor) -> torch.Tensor:
@@ -143,6 +147,50 @@ class WindowTimar(nn.Module):
 
     def denormalize(self, motion: torch.Tensor) -> torch.Tensor:
         return motion * self.motion_std + self.motion_mean
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hd) + mask) v over `heads` heads, with the input projection's bias
+    added to q, k, v first. Eager: torch's SDPA. Exported: one com.microsoft MultiHeadAttention
+    node, which ONNX Runtime's CPU provider runs per head with the scores kept in cache, instead
+    of four [B, H, N, N] passes through memory (MatMul, Add mask, Softmax, MatMul)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, qkv_bias, mask, heads: int):
+        """q [B, S, D], k/v [B, L, D] without bias; qkv_bias [3D]; mask broadcastable to [B, H, S, L]
+        (additive) or None -> [B, S, D]."""
+        b, s, d = q.shape
+        bq, bk, bv = qkv_bias.chunk(3)
+        split = lambda t, bt: (t + bt).reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+        out = nn.functional.scaled_dot_product_attention(split(q, bq), split(k, bk), split(v, bv), attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, s, d)
+
+    @staticmethod
+    def symbolic(g, q, k, v, qkv_bias, mask, heads: int):
+        from torch.onnx import symbolic_helper
+        inputs = [q, k, v, qkv_bias]
+        if not symbolic_helper._is_none(mask):     # inputs 4 (key_padding_mask) empty, 5 attention_bias
+            inputs += [symbolic_helper._optional_input_placeholder_tensor(g), mask]
+        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
+        out.setType(q.type())
+        return out
+
+
+FUSED_ATTENTION_OPS = frozenset({"com.microsoft:MultiHeadAttention"})
+"""The non-standard operators a window_encoder graph exported with fused attention uses."""
+
+
+def fused_attention_block(block: Block, x: torch.Tensor, mask: torch.Tensor | None,
+                          keep: slice | None) -> torch.Tensor:
+    """`block(x, mask, keep=keep)[0]` (timar_sdk.model.timar.Block, eval mode) with attention as
+    one fused operator in ONNX: x [B, N, D] -> [B, N or kept, D]."""
+    attn, d = block.attn, x.shape[-1]
+    q, k, v = nn.functional.linear(block.norm1(x), attn.qkv.weight).split(d, dim=-1)
+    if keep is not None:
+        q = q[:, keep]
+    h = attn.proj(_MultiHeadAttention.apply(q, k, v, attn.qkv.bias, mask, attn.heads))
+    x = (x if keep is None else x[:, keep]) + h
+    return x + block.mlp(block.norm2(x))
 
 
 # ---- the authors' checkpoint ------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""TensorRT backend: the bundle's engines for this GPU, run with the TensorRT 10 Python API,
-pycuda device buffers and one CUDA stream (docs/DESIGN.md sections 3-4).
+"""TensorRT backend: the bundle's engines for this GPU, run with the TensorRT 10 or 11 Python API
+(the I/O tensor API it uses is the same in both; ``tensorrt_compat``), pycuda device buffers and
+one CUDA stream (docs/DESIGN.md sections 3-4).
 
 Same interface as the backends in ``backends.py`` (numpy in and out at the edges), but the KV
 cache stays on the GPU between turns: ``encoder_step`` binds each layer's keys and values
@@ -7,7 +8,7 @@ cache stays on the GPU between turns: ``encoder_step`` binds each layer's keys a
 ``present_key_values`` in a device buffer, and ``commit`` copies the conditional row's present
 keys/values into the cache slot device-to-device.
 
-Written against NVIDIA's TensorRT 10 Python API documentation (named I/O tensors,
+Written against NVIDIA's TensorRT 10 Python API documentation (11: its migration guide) (named I/O tensors,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and pycuda's driver reference;
 no TensorRT was available where this was written, so only the parts that need no GPU
 (``slot_copy``, the refusals) have been run. ``tests/test_tensorrt_backend.py`` checks the rest
@@ -167,6 +168,10 @@ class TensorRTBackend:
             raise RuntimeError(f"no TensorRT engines for {gpu!r} with TensorRT {trt.__version__} in "
                                f"{bundle.dir} (it has: {have}); build them on this machine with "
                                f"timar-build --bundle {bundle.dir}")
+        if bundle.cache_dtype != np.float32:
+            raise RuntimeError(f"{bundle.dir} keeps a {bundle.cache_dtype} KV cache; the TensorRT backend keeps a "
+                               "float32 cache on the GPU: use the bundle converted with a float32 cache, or "
+                               "ONNX Runtime")
         missing = [g for g in GRAPHS if g not in entry["files"]]
         if missing:
             raise RuntimeError(f"engine set {entry['dir']} lacks {missing}; rebuild it with "
