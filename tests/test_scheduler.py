@@ -104,3 +104,35 @@ def test_close_with_discard_drops_the_turns_not_started():
     while not dropped._queue.empty():
         got.append(dropped.get(timeout=0).turn)
     assert got in ([], [0]), got               # at most the turn the worker had taken before the close
+
+
+def test_a_finished_stream_is_freed_without_the_cycle_collector():
+    """An owner holding its stream, whose on_motion callback refers back to the owner (a server's
+    connection): once the stream is done, nothing keeps its session (and its KV cache) alive but
+    the owner; the cycle is broken, so it is freed by reference counting, not by a later gc pass
+    (a server that waited for gc held hundreds of MB of caches)."""
+    import gc
+    import weakref
+
+    class Owner:
+        def on_motion(self, chunk):
+            self.last = chunk.turn
+
+    model = Model()
+    ua, um, aa = conversation(1, seed=80)
+    gc.disable()
+    try:
+        with Scheduler(model) as scheduler:
+            owner = Owner()
+            owner.stream = scheduler.open(seed=1, on_motion=owner.on_motion)
+            owner.stream.push(user_audio=ua[0], agent_audio=aa[0])
+            assert owner.stream.get(timeout=60).turn == 0
+            owner.stream.close()
+            deadline = time.monotonic() + 10
+            while scheduler._streams and time.monotonic() < deadline:
+                time.sleep(0.01)
+            session = weakref.ref(owner.stream.session)
+            del owner
+            assert session() is None, "the finished stream's session is still alive (a reference cycle)"
+    finally:
+        gc.enable()

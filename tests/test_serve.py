@@ -379,3 +379,32 @@ def test_soak_counts_every_conversation_turn_and_refusal(model):
         r = asyncio.run(soak(running.url, clients=2, seconds=5.0, session_seconds=(3.0, 3.0)))
     assert r["error_count"] >= 1 and not r["holds"], r
     assert any("slot 1" in e for e in r["errors"]), r["errors"]
+
+
+def test_a_finished_conversation_is_freed_at_once(model):
+    """A conversation's session (and its KV cache) is freed by reference counting when its client
+    leaves, not by a later pass of the cycle collector: a 10-minute soak held hundreds of MB of
+    caches that only gc could free (cycles through the connection's callback and its cancelled
+    sender task)."""
+    import gc
+    import weakref
+
+    user, agent = speech(2.5, 11)
+    with ServerThread(model, LIMITS) as running:
+        conversations = running.server.conversations
+        gc.disable()
+        try:
+            sessions = []
+            for k, drop in enumerate((False, True)):             # a clean close, and a vanished client
+                client = Client(running.url, seed=k)
+                client.send_audio(user, agent)
+                assert client.receive(timeout=20).turn == 0
+                assert wait_until(lambda: len(conversations.connections) == 1)
+                sessions.append(weakref.ref(next(iter(conversations.connections)).stream.session))
+                if drop:
+                    client.websocket.socket.shutdown(socket.SHUT_RDWR)
+                client.close()
+                assert wait_until(lambda: not conversations.connections and not conversations.scheduler._streams)
+            assert wait_until(lambda: all(s() is None for s in sessions)), "a finished conversation is still alive"
+        finally:
+            gc.enable()

@@ -222,6 +222,7 @@ class Scheduler:
             streams = list(self._streams)
         for stream in done:
             stream._finish()
+            stream.on_motion = None     # a callback usually refers back to its stream's owner: no cycle
         taken = [(stream, t) for stream in streams if (t := stream._take_turn()) is not None]
         size = self.max_batch or max(len(taken), 1)
         for i in range(0, len(taken), size):

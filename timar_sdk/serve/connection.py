@@ -77,6 +77,10 @@ class Connection:
         finally:
             self._end_stream(flush=False, discard=True)       # nobody to send the rest to
             self._sender.cancel()
+            # The cancelled task keeps its CancelledError, whose traceback holds the sender's frame
+            # and so this connection: dropping the task breaks that cycle, so the conversation's
+            # session and KV cache are freed now, not at some later garbage collection.
+            self._sender = None
 
     async def finish(self, flush: bool, code: int, reason: str) -> None:
         """Stop taking input, wait (at most drain_timeout_s) for the turns already complete (and,
