@@ -181,8 +181,9 @@ def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, s
 
 def _report_bundle(out, manifest: dict) -> None:
     sizes = {g["file"]: (Path(out) / g["file"]).stat().st_size / 1e6 for g in manifest["graphs"].values()}
-    precisions = sorted({g.get("precision", "fp32") for g in manifest["graphs"].values()})
-    cache = f", cache {manifest['cache'].get('dtype', 'float32')}" if "cache" in manifest else ""
+    from timar_sdk.runtime.bundle import cache_dtype_of, graph_precision
+    precisions = sorted({graph_precision(g) for g in manifest["graphs"].values()})
+    cache = f", cache {cache_dtype_of(manifest)}" if "cache" in manifest else ""
     click.echo(f"wrote {out} ({manifest['attention']}, {'/'.join(precisions)}{cache}): "
                + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
 

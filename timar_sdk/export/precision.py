@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timar_sdk.runtime.bundle import Bundle, sha256_of, write_manifest
+from timar_sdk.runtime.bundle import Bundle, cache_dtype_of, graph_precision, sha256_of, write_manifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CACHE_DTYPES = ("float32", "float16")
@@ -50,16 +50,6 @@ REDUCE_RANGE = True                       # 7-bit int8 weights (dynamic), see to
 # model, the denoiser's output layer is half its INT8 motion error; encoder_step's (the fused qkv
 # projections behind the cache output) change the motion by < 1e-4 RMS and are a quarter of its work.
 FLOAT_OUTPUT_GRAPHS = {"denoiser"}
-
-
-def graph_precision(graph: dict) -> str:
-    """A manifest graph entry's precision; bundles from before issue 16 have none: "fp32"."""
-    return graph.get("precision", "fp32")
-
-
-def cache_dtype_of(manifest: dict) -> str:
-    """A cached bundle's cache dtype ("float32" when not recorded)."""
-    return manifest.get("cache", {}).get("dtype", "float32")
 
 
 def convert_bundle(src, out, precision: str, cache_dtype: str = "float32",

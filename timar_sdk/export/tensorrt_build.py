@@ -29,8 +29,7 @@ from typing import Any, Mapping, Sequence
 import click
 
 from timar_sdk.cli import tool
-from timar_sdk.export.precision import graph_precision
-from timar_sdk.runtime.bundle import MANIFEST, Bundle, sha256_of, write_manifest
+from timar_sdk.runtime.bundle import MANIFEST, Bundle, graph_precision, sha256_of, write_manifest
 from timar_sdk.runtime.tensorrt_compat import BuildSettings, apply_settings, build_settings, create_network
 from timar_sdk.runtime.tensorrt_env import (INSTALL_HINT, TensorRTUnavailable,  # noqa: F401 - re-exported
                                             check_tensorrt_available, gpu_info)

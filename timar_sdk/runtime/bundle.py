@@ -92,7 +92,7 @@ def check_consistency(m: dict, where: str = "manifest.json") -> None:
             fail("cache.past_key_values_inputs", f"2 * layers = {2 * c['layers']} names",
                  len(c["past_key_values_inputs"]))
         step = {t["name"]: t["dtype"] for t in m["graphs"].get("encoder_step", {}).get("inputs", [])}
-        dtype = c.get("dtype", "float32")
+        dtype = cache_dtype_of(m)
         wrong = [n for n in c["past_key_values_inputs"] if n in step and step[n] != dtype]
         if wrong:
             fail(f"graphs.encoder_step.inputs {wrong[0]!r} dtype", f"cache.dtype {dtype!r}", step[wrong[0]])
@@ -127,6 +127,16 @@ def write_manifest(directory: str | Path, manifest: dict) -> str:
         tmp.write_bytes(content)
         os.replace(tmp, path)
     return digest
+
+
+def graph_precision(graph: dict) -> str:
+    """A manifest graph entry's precision; bundles from before issue 16 have none: "fp32"."""
+    return graph.get("precision", "fp32")
+
+
+def cache_dtype_of(manifest: dict) -> str:
+    """A cached bundle's cache dtype ("float32" when not recorded)."""
+    return manifest.get("cache", {}).get("dtype", "float32")
 
 
 def sha256_of(path: Path) -> str:
@@ -238,7 +248,7 @@ class Bundle:
     def cache_dtype(self) -> np.dtype:
         """The KV cache's element type (cached bundles): float32, or float16 in a bundle converted
         with a half-size cache (timar_sdk.export.precision); bundles that do not record it: float32."""
-        return np.dtype(self.manifest.get("cache", {}).get("dtype", "float32"))
+        return np.dtype(cache_dtype_of(self.manifest))
 
     @property
     def alphas_cumprod(self) -> np.ndarray:

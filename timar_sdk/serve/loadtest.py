@@ -61,6 +61,12 @@ def http_url_of(url: str) -> str:
     return f"http{m.group(1)}://{m.group(2)}"
 
 
+def latency_ms(latency_s: list[float]) -> tuple[np.ndarray, dict]:
+    """Turn latencies (seconds) as milliseconds, and their p50 / p95 / p99 / max (NaN if none)."""
+    ms = np.asarray(latency_s) * 1e3 if latency_s else np.full(1, np.nan)
+    return ms, {q: float(np.percentile(ms, int(q[1:]))) for q in ("p50", "p95", "p99")} | {"max": float(ms.max())}
+
+
 async def run_trial(url: str, clients: int, seconds: float = 60.0, budget_ms: float = 300.0, chunk_ms: int = 20,
                     token: str | None = None, grace_s: float = 10.0) -> dict:
     """`clients` real-time clients for `seconds`; their turn latencies, late and failed turns,
@@ -129,10 +135,10 @@ async def run_trial(url: str, clients: int, seconds: float = 60.0, budget_ms: fl
         task.cancel()
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
     expected = sum(len(c) for c in completed)
-    ms = np.asarray(latency) * 1e3 if latency else np.full(1, np.nan)
+    ms, lat = latency_ms(latency)
     result = {"clients": clients, "seconds": seconds, "budget_ms": budget_ms, "turns": len(latency),
               "turns_expected": expected, "failed": expected - len(latency), "late": int((ms > budget_ms).sum()),
-              "latency_ms": {q: float(np.percentile(ms, int(q[1:]))) for q in ("p50", "p95", "p99")} | {"max": float(ms.max())},
+              "latency_ms": lat,
               "client_cpu_cores": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall,
               "client_tick_lag_p99_ms": float(np.percentile(tick_lag, 99) * 1e3)}
     if before and after:
@@ -243,12 +249,10 @@ async def soak(url: str, clients: int, seconds: float = 600.0, budget_ms: float 
     sampler = asyncio.create_task(sample_memory())
     await asyncio.gather(*(slot_loop(k) for k in range(clients)))
     sampler.cancel()
-    ms = np.asarray(latency) * 1e3 if latency else np.full(1, np.nan)
+    ms, lat = latency_ms(latency)
     result = {"mode": "soak", "clients": clients, "seconds": seconds, "budget_ms": budget_ms, **counts,
               "turns": len(latency), "late": int((ms > budget_ms).sum()), "errors": errors[:20],
-              "error_count": len(errors),
-              "latency_ms": {q: float(np.percentile(ms, int(q[1:]))) for q in ("p50", "p95", "p99")}
-              | {"max": float(ms.max())}}
+              "error_count": len(errors), "latency_ms": lat}
     if rss_seen:
         t, rss = np.array(rss_seen).T
         second, last = rss[(t >= 60) & (t < 120)], rss[t >= t[-1] - 60]
