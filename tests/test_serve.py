@@ -322,9 +322,14 @@ def test_health_readiness_metrics(server):
 
 @pytest.mark.slow
 def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
-    """The real command in a subprocess: 200 short conversations (clean closes and dropped
-    connections, every 20th with a turn) leave its RSS within a few MB of where it was after
-    40; then SIGTERM with turns in flight: they arrive, then the close (1001)."""
+    """The real command in a subprocess: 360 short conversations (clean closes and dropped
+    connections, every 20th with a turn) and its idle RSS, read every 40, does not climb; then
+    SIGTERM with turns in flight: they arrive, then the close (1001).
+
+    Idle RSS swings by about 5 MB from one reading to the next (the allocator keeping or
+    returning freed blocks), so one reading against another is noise: the lowest of the last
+    three readings is compared with the lowest of the first three. A leak of 25 kB per
+    conversation adds 5 MB between them; a closed Connection kept alive leaks about 390 kB."""
     proc, url = start_server(None, extra=("--max-sessions", "4"))
     http = url.rsplit("/v1/", 1)[0].replace("ws://", "http://")
     user, agent = speech(4.0, 9)
@@ -335,7 +340,7 @@ def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
 
     try:
         rss = []
-        for k in range(200):
+        for k in range(360):
             client = Client(url, seed=k)
             client.send_audio(user[:TURN + 4800 if k % 20 == 0 else 4800], agent[:TURN + 4800])
             if k % 20 == 0:
@@ -343,9 +348,9 @@ def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
             if k % 2:
                 client.websocket.socket.shutdown(socket.SHUT_RDWR)
             client.close()
-            if k in (39, 199):
+            if k % 40 == 39:
                 rss.append(idle_rss())
-        assert rss[1] - rss[0] < 5, f"server RSS grew {rss[0]:.1f} -> {rss[1]:.1f} MB over 160 connections"
+        assert min(rss[-3:]) - min(rss[:3]) < 3, f"server idle RSS climbed, MB every 40 conversations: {rss}"
         with Client(url, seed=1) as client:
             client.send_audio(user, agent)                    # four whole turns in one message
             assert client.receive(timeout=10).turn == 0
