@@ -7,11 +7,17 @@
 #   scripts/build_native.sh --fetch-only    # only fetch ONNX Runtime
 #
 # Environment: ONNXRUNTIME_ROOT (use this SDK instead of fetching one), TIMAR_BUILD_DIR,
-# JOBS (parallel compile jobs, default: number of CPUs), CMAKE_ARGS (extra configure flags).
+# JOBS (parallel compile jobs, default: number of CPUs), CMAKE_ARGS (extra configure flags),
+# TIMAR_ONNXRUNTIME=npm|python (where the library comes from, below; default npm).
 #
 # The SDK comes from the npm registry package com.github.asus4.onnxruntime (the ONNX Runtime
 # plugin for Unity: official headers, and libonnxruntime.so for Linux x64) into the git-ignored
 # runtime/third_party/onnxruntime/{include,lib}. Nothing is vendored in git.
+# TIMAR_ONNXRUNTIME=python keeps the npm package's headers but takes libonnxruntime.so from the
+# Python environment's onnxruntime wheel (which ships it), so the native runtime and Python run
+# the same ONNX Runtime: INT8 and FP16 bundles then give the same motion to 1e-3, not 1e-2 (their
+# rounding steps differ between versions). ONNX Runtime's C API is backward compatible: a
+# library newer than the headers serves them. CI builds this way.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,9 +34,25 @@ for arg in "$@"; do
   esac
 done
 
+# What runtime/third_party/onnxruntime/VERSION says when it holds what was asked for.
+onnxruntime_stamp() {
+  case "${TIMAR_ONNXRUNTIME:-npm}" in
+    npm) echo "$NPM_PACKAGE@$NPM_VERSION" ;;
+    python)
+      local version
+      version=$(python -c "import onnxruntime; print(onnxruntime.__version__)") \
+        || { echo "build_native.sh: TIMAR_ONNXRUNTIME=python needs onnxruntime in this Python" >&2; exit 1; }
+      echo "$NPM_PACKAGE@$NPM_VERSION headers, library of Python onnxruntime $version" ;;
+    *) echo "build_native.sh: TIMAR_ONNXRUNTIME must be npm or python, not '${TIMAR_ONNXRUNTIME}'" >&2; exit 2 ;;
+  esac
+}
+
 fetch_onnxruntime() {
   local dest="$ROOT/runtime/third_party/onnxruntime"
-  if [[ -f "$dest/include/onnxruntime_cxx_api.h" && -e "$dest/lib/libonnxruntime.so.1" ]]; then
+  local stamp
+  stamp=$(onnxruntime_stamp)
+  if [[ -f "$dest/include/onnxruntime_cxx_api.h" && -e "$dest/lib/libonnxruntime.so.1" \
+        && "$(cat "$dest/VERSION" 2>/dev/null)" == "$stamp" ]]; then
     return 0
   fi
   command -v npm >/dev/null || { echo "build_native.sh: npm is needed to fetch ONNX Runtime (or set ONNXRUNTIME_ROOT)" >&2; exit 1; }
@@ -46,11 +68,19 @@ fetch_onnxruntime() {
   rm -rf "$dest"
   mkdir -p "$dest/include" "$dest/lib"
   cp "$tmp/$headers"/*.h "$dest/include/"
-  cp "$tmp/package/Plugins/Linux/x64/"*.so "$dest/lib/"
   cp "$tmp/package/LICENSE" "$tmp/package/ThirdPartyNotices.txt" "$dest/"
+  if [[ "${TIMAR_ONNXRUNTIME:-npm}" == python ]]; then
+    local capi
+    capi=$(python -c "import onnxruntime, pathlib; print(pathlib.Path(onnxruntime.__file__).parent / 'capi')")
+    cp "$capi"/libonnxruntime.so.1.* "$dest/lib/libonnxruntime.so"
+    cp "$capi/libonnxruntime_providers_shared.so" "$dest/lib/"
+    echo "ONNX Runtime library: $capi (Python's onnxruntime wheel)"
+  else
+    cp "$tmp/package/Plugins/Linux/x64/"*.so "$dest/lib/"
+  fi
   # The library's SONAME is libonnxruntime.so.1: the loader looks for that name.
   ln -sf libonnxruntime.so "$dest/lib/libonnxruntime.so.1"
-  echo "$NPM_PACKAGE@$NPM_VERSION" > "$dest/VERSION"
+  echo "$stamp" > "$dest/VERSION"
 }
 
 if [[ -z "${ONNXRUNTIME_ROOT:-}" ]]; then
