@@ -326,10 +326,11 @@ def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
     connections, every 20th with a turn) and its idle RSS, read every 40, does not climb; then
     SIGTERM with turns in flight: they arrive, then the close (1001).
 
-    Idle RSS swings by about 5 MB from one reading to the next (the allocator keeping or
-    returning freed blocks), so one reading against another is noise: the lowest of the last
-    three readings is compared with the lowest of the first three. A leak of 25 kB per
-    conversation adds 5 MB between them; a closed Connection kept alive leaks about 390 kB."""
+    Idle RSS without a leak sits at one of two levels about 5.5 MB apart (measured 119.2 and
+    124.8 MB; most likely the allocator keeping or returning freed blocks) and can stay at either for
+    several readings, so the bound must pass that step: the lowest of the last three readings
+    may exceed the lowest of the first three by at most 8 MB. A leak of 35 kB per conversation
+    exceeds that over the 240 between them; a closed Connection kept alive leaks about 390 kB."""
     proc, url = start_server(None, extra=("--max-sessions", "4"))
     http = url.rsplit("/v1/", 1)[0].replace("ws://", "http://")
     user, agent = speech(4.0, 9)
@@ -350,7 +351,7 @@ def test_timar_serve_memory_flat_and_sigterm_finishes_turns_in_flight():
             client.close()
             if k % 40 == 39:
                 rss.append(idle_rss())
-        assert min(rss[-3:]) - min(rss[:3]) < 3, f"server idle RSS climbed, MB every 40 conversations: {rss}"
+        assert min(rss[-3:]) - min(rss[:3]) < 8, f"server idle RSS climbed, MB every 40 conversations: {rss}"
         with Client(url, seed=1) as client:
             client.send_audio(user, agent)                    # four whole turns in one message
             assert client.receive(timeout=10).turn == 0
