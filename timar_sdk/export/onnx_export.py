@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from timar_sdk.export.manifest import build_manifest, build_window_manifest, check_streamable, with_defaults
-from timar_sdk.export.op_support import SUPPORTED_OPS_FILE, check_ops, unsupported_ops
+from timar_sdk.export.op_support import check_ops
 from timar_sdk.model.graphs import (GRAPH_OUTPUTS, STEP_INPUTS, TOKEN_INPUTS, WINDOW_GRAPH_OUTPUTS,
                                     cache_input_names, example_inputs, graph_modules, window_example_inputs,
                                     window_graph_modules)
@@ -106,13 +106,7 @@ def _write_bundle(out_dir: str | Path, protos: dict[str, onnx.ModelProto], make_
     for name, proto in protos.items():
         path = tmp / f"{name}.onnx"
         onnx.save(proto, str(path))
-        allowed = (extra_ops or {}).get(name)
-        if allowed is None:
-            check_ops(path)
-        elif set(unsupported_ops(path)) - allowed:
-            raise ValueError(f"{path}: operator(s) not supported by both ONNX Runtime (CPU) and TensorRT 10: "
-                             f"{', '.join(sorted(set(unsupported_ops(path)) - allowed))} (supported list: "
-                             f"{SUPPORTED_OPS_FILE.name}, and {', '.join(sorted(allowed))} in this graph)")
+        check_ops(path, (extra_ops or {}).get(name, frozenset()))
         ins, outs = _io_spec(proto)
         graphs[name] = {"file": path.name, "sha256": sha256_of(path), "inputs": ins, "outputs": outs}
     manifest = make_manifest(graphs)

@@ -85,11 +85,14 @@ def unsupported_ops(model: ModelLike) -> list[str]:
     return sorted(op for op in used_ops(model) if op not in ok)
 
 
-def check_ops(path: Union[str, Path]) -> None:
-    """Raise ``ValueError`` naming ``path`` and its unsupported ops, if it has any."""
-    bad = unsupported_ops(path)
+def check_ops(path: Union[str, Path], allowed: frozenset[str] = frozenset()) -> None:
+    """Raise ``ValueError`` naming ``path`` and its unsupported ops, if it has any beyond
+    ``allowed`` (ops this graph may use although not every runtime has them, as reported by
+    ``unsupported_ops``, e.g. ``"com.microsoft:MultiHeadAttention"``)."""
+    bad = [op for op in unsupported_ops(path) if op not in allowed]
     if bad:
+        also = f", and {', '.join(sorted(allowed))} in this graph" if allowed else ""
         raise ValueError(
             f"{path}: operator(s) not supported by both ONNX Runtime (CPU) and TensorRT 10: "
-            f"{', '.join(bad)} (supported list: {SUPPORTED_OPS_FILE.name})"
+            f"{', '.join(bad)} (supported list: {SUPPORTED_OPS_FILE.name}{also})"
         )
