@@ -17,6 +17,7 @@ import click
 
 from timar_sdk.conversation import align_inputs, run_conversation
 from timar_sdk.errors import install_hint
+from timar_sdk.runtime.bundle import CACHE_DTYPES, PRECISIONS
 
 # The extra that installs each optional Python package, for the message of a missing import.
 _EXTRA_OF = {"torch": "export", "onnx": "export", "onnxscript": "export", "scipy": "eval",
@@ -130,10 +131,10 @@ def train_cmd(preset_name, out, **kw):
 @click.option("--smoothing", default=None, metavar="REGION=SECONDS,...",
               help="The bundle's default output smoothing, e.g. expression=0.1,jaw=0.03,neck=0.25 "
                    "(time constants, 0..2 s; default: none).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="The graphs' arithmetic: fp32, fp16 (GPU/TensorRT; slower on a CPU) or int8 (dynamic "
                    "quantisation; see timar-convert and EVALUATION.md's quality gate).")
-@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(CACHE_DTYPES),
               help="The KV cache's element type: float16 halves each session's cache in the Python "
                    "runtime (cached bundles).")
 def export_cmd(ckpt, out, opset, ema, batch, wav2vec2_dir, stats, temperature, smoothing, precision, cache_dtype):
@@ -190,12 +191,12 @@ def _report_bundle(out, manifest: dict) -> None:
 
 @tool("timar-convert")
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", required=True, type=click.Choice(PRECISIONS),
               help="fp16 (ONNX Runtime's float16 converter; softmax, layer norm, the log-mel front end and "
                    "the time embedding stay fp32) or int8 (ONNX Runtime quantisation of MatMul/Gemm); fp32 "
                    "changes only the cache dtype.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle folder to write.")
-@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+@click.option("--cache-dtype", default="float32", show_default=True, type=click.Choice(CACHE_DTYPES),
               help="The KV cache's element type: float16 halves each session's cache in the Python "
                    "runtime (cached bundles).")
 @click.option("--int8-method", default=None, type=click.Choice(["dynamic", "static"]),

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from timar_sdk.runtime.bundle import Bundle, cache_dtype_of, graph_precision, sha256_of, write_manifest
+from timar_sdk.runtime.bundle import (CACHE_DTYPES, PRECISIONS, Bundle, cache_dtype_of, graph_precision, sha256_of,
+                                      write_manifest)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-CACHE_DTYPES = ("float32", "float16")
 INT8_METHODS = ("dynamic", "static")
 # The method per graph, chosen by measurement (EVALUATION.md / BENCHMARKS.md "Precision"): dynamic
 # beat static on motion error for both graphs of the shipped model, and on speed. A graph mapped to

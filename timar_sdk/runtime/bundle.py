@@ -129,6 +129,10 @@ def write_manifest(directory: str | Path, manifest: dict) -> str:
     return digest
 
 
+PRECISIONS = ("fp32", "fp16", "int8")     # a graph's arithmetic (manifest graphs.<name>.precision)
+CACHE_DTYPES = ("float32", "float16")      # a cached bundle's KV cache (manifest cache.dtype)
+
+
 def graph_precision(graph: dict) -> str:
     """A manifest graph entry's precision; bundles from before issue 16 have none: "fp32"."""
     return graph.get("precision", "fp32")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-PRECISIONS = ("fp32", "fp16", "int8")
+from timar_sdk.runtime.bundle import PRECISIONS
 SUPPORTED_MAJORS = (10, 11)
 
 
