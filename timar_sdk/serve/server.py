@@ -73,9 +73,8 @@ class TimarServer:
                     on_listening(self.port)
                 housekeeping = asyncio.create_task(conversations.housekeeping())
                 await self._stop.wait()
-                conversations.draining = True
                 server.close(close_connections=False)       # new handshakes get 503
-                await conversations.drain()
+                await conversations.drain()                 # (it marks the server draining at once)
                 try:
                     await asyncio.wait_for(server.wait_closed(), c.close_timeout_s + 1)
                 except asyncio.TimeoutError:
