@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from timar_sdk.data.speechlike import DEFAULT_ENGINES, write_speech_corpus
+from timar_sdk.data.speechlike import DEFAULT_ENGINES, LISTENERS, write_speech_corpus
 
 
 def main(argv=None) -> int:
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                    help="TTS engines, comma-separated: espeak, festival")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--listener", choices=LISTENERS, default="still",
+                   help="listening mouth: still (the shipped model's data) or attentive (docs/TRAINING_DATA.md)")
     a = p.parse_args(argv)
     splits = {"train": a.train, "val": a.val}
     if a.test:
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
 
     out = write_speech_corpus(a.out, splits, seconds=a.seconds, seed=a.seed,
                               engines=tuple(e.strip() for e in a.engines.split(",") if e.strip()),
-                              workers=a.workers, progress=progress)
+                              workers=a.workers, progress=progress, listener=a.listener)
     print(f"\nwrote {total} clips of {a.seconds:g} s to {out} ({', '.join(f'{k}: {v}' for k, v in splits.items())}) "
           f"in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0

@@ -116,6 +116,63 @@ def test_jaw_follows_the_own_voice_not_the_partner(clips, figs):
     assert np.abs(r).mean() < 0.1 and max(r) < 0.2, r
 
 
+@pytest.fixture(scope="module")
+def attentive_clips():
+    return [generate_conversation(24.0, seed, ESPEAK, details=True, listener="attentive")
+            for seed in (11, 12, 13)]
+
+
+def _anyone_near(clip: dict, frames: int) -> np.ndarray:
+    """bool [T]: someone (A, B or the third person) sounds within +-frames // 2 frames."""
+    sounding = clip["info"]["speaking"][0] | clip["info"]["speaking"][1]
+    for who, start, end, kind, text in clip["info"]["utterances"]:
+        if who == 2:
+            sounding[int(start * FPS):int(np.ceil(end * FPS))] = True
+    return np.convolve(sounding.astype(float), np.ones(frames), "same") > 0
+
+
+def _high_pass(x: np.ndarray) -> np.ndarray:
+    """x minus its 0.36 s moving average: keeps syllable-rate changes, drops turn-level ones."""
+    return x - np.convolve(x, np.ones(9) / 9, "same")
+
+
+def _r_with_partner(clips: list[dict]) -> list[float]:
+    return [np.corrcoef(c[f"motion{s}"][:, 50], loudness(c[f"audio{3 - s}"]))[0, 1]
+            for c in clips for s in (1, 2)]
+
+
+def test_attentive_listener_parts_the_lips_without_following_the_partner(attentive_clips, clips):
+    figs = [figures(c[f"motion{s}"], c[f"audio{s}"], c[f"audio{3 - s}"]) for c in attentive_clips for s in (1, 2)]
+    assert min(f["r_own"] for f in figs) > 0.45
+    # The issue's targets for the agent's silence, which now includes a relaxed listening jaw.
+    assert max(f["jaw_silent_mean"] for f in figs) <= 0.05
+    assert max(f["jaw_silent_open"] for f in figs) < 0.05
+    # Nobody has spoken for 0.6 s: the mouth is at rest (0..0.03 rad).
+    rest = np.concatenate([c[f"motion{s}"][~_anyone_near(c, 31), 50] for c in attentive_clips for s in (1, 2)])
+    assert len(rest) > 30 and np.percentile(rest, 95) <= 0.03 and rest.max() < 0.04
+    # Over a clip the jaw is about uncorrelated with the partner's voice (real FLAME data:
+    # 0.01); a still listener on the same conversations closes whenever the partner talks.
+    attentive, still = _r_with_partner(attentive_clips), _r_with_partner(clips)
+    assert abs(np.mean(attentive)) < 0.15 and np.mean(still) < -0.15, (attentive, still)
+    # While listening (no own sound within 0.4 s) it does not follow the partner's syllables.
+    r = []
+    for c in attentive_clips:
+        for s in (0, 1):
+            speaking = c["info"]["speaking"]
+            listening = speaking[1 - s] & ~(np.convolve(speaking[s].astype(float), np.ones(21), "same") > 0)
+            jaw, partner = c[f"motion{s + 1}"][:, 50], loudness(c[f"audio{2 - s}"])
+            r.append(np.corrcoef(_high_pass(jaw)[listening], _high_pass(partner)[listening])[0, 1])
+    assert np.mean(r) < 0.12 and max(r) < 0.25, r
+
+
+def test_listener_must_be_known(tmp_path):
+    for call in (lambda: generate_conversation(2.0, 1, ESPEAK, listener="sleepy"),
+                 lambda: write_speech_corpus(tmp_path, {"train": 1}, 2.0, listener="sleepy")):
+        with pytest.raises(ValueError, match="listener: expected one of .*'still'.*got 'sleepy'"):
+            call()
+    assert not any(tmp_path.iterdir())
+
+
 def test_mouth_shapes_follow_phonemes(clips):
     """Bilabial closure (exp 5) peaks where the jaw is nearly closed; rounding (exp 4) and
     spreading (exp 1) are used, and lips part (exp 0) with the jaw."""

@@ -8,7 +8,8 @@ instead of a formant-filtered buzz (docs/TRAINING_DATA.md explains the whole rec
    pauses, overlaps and backchannels, sometimes with a third person in the room;
 2. `visemes`: phonemes -> jaw opening, lip opening, spreading, rounding, closure and f/v tuck,
    coarticulated; `motion`: those plus prosody-linked head motion, listening behaviour (nods,
-   small smiles, a still mouth) and face variation -> 56 FLAME-layout values per frame;
+   small smiles, a still mouth or, with listener="attentive", a relaxed open one) and face
+   variation -> 56 FLAME-layout values per frame;
 3. `microphone`: each participant's track = own voice in a room + the others' crosstalk at
    -20..-30 dB + colouring, band limits, resampling, noise and level changes.
 
@@ -39,15 +40,19 @@ from timar_sdk.data.speechlike.tts import APT_PACKAGES, available_engines
 from timar_sdk.layout import FPS, SAMPLE_RATE
 
 __all__ = ["generate_conversation", "write_speech_corpus", "DEFAULT_ENGINES", "APT_PACKAGES",
-           "available_engines"]
+           "LISTENERS", "available_engines"]
 
 DEFAULT_ENGINES = ("espeak", "festival")
 MEETING_PROB = 0.4       # clips with a third person in the room
+LISTENERS = ("still", "attentive")   # how a listener's mouth behaves (docs/TRAINING_DATA.md)
 
 
 def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = DEFAULT_ENGINES,
-                          details: bool = False) -> dict:
-    """One two-person conversation of `seconds` seconds, fully determined by (seed, engines).
+                          details: bool = False, listener: str = "still") -> dict:
+    """One two-person conversation of `seconds` seconds, fully determined by (seed, engines,
+    listener). `listener`: "still" (the mouth at rest while listening; the shipped model's data)
+    or "attentive" (the jaw relaxes open while someone talks, breathing in before phrases, and
+    lulls in which nobody speaks).
 
     Returns `audio1`, `audio2`: float32 [frames * 640] at 16 kHz (each participant's
     microphone track), `motion1`, `motion2`: float32 [frames, 56] at 25 fps, with
@@ -59,6 +64,9 @@ def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = 
     n_frames = int(round(seconds * FPS))
     if n_frames < 1:
         raise ValueError(f"seconds must give at least one frame at {FPS} fps, got {seconds}")
+    if listener not in LISTENERS:
+        raise ValueError(f"listener: expected one of {LISTENERS}, got {listener!r}")
+    attentive = listener == "attentive"
     missing = [e for e in engines if e not in available_engines()]
     if missing or not engines:
         raise RuntimeError(f"TTS engine(s) {missing or engines} not installed: apt-get install "
@@ -78,7 +86,7 @@ def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = 
                      int(0.25 * seconds) + 2 if who < 2 else 0)
         phrases.append(p)
         backchannels.append(b)
-    placed = floor_plan(seconds, rng, phrases, backchannels, meeting)
+    placed = floor_plan(seconds, rng, phrases, backchannels, meeting, lulls=attentive)
     lines = [timeline(placed, who, voices[who].engine, n_samples) for who in range(3)]
     out: dict = {}
     for s in (0, 1):
@@ -86,7 +94,7 @@ def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = 
         out[f"audio{s + 1}"] = microphone_track(lines[s].audio, others, rng)
     for s in (0, 1):
         out[f"motion{s + 1}"] = speaker_motion(lines[s], [lines[1 - s], lines[2]],
-                                               random_style(rng), n_frames, rng)
+                                               random_style(rng, attentive), n_frames, rng)
     if details:
         out["info"] = {
             "speaking": np.stack([speaking_frames(lines[s], n_frames) for s in (0, 1)]),
@@ -99,8 +107,8 @@ def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = 
 
 
 def _write_clip(job: tuple) -> str:
-    folder, name, seconds, clip_seed, engines = job
-    conv = generate_conversation(seconds, clip_seed, engines)
+    folder, name, seconds, clip_seed, engines, listener = job
+    conv = generate_conversation(seconds, clip_seed, engines, listener=listener)
     for s in (1, 2):
         stem = Path(folder) / f"{name}_speaker{s}"
         sf.write(stem.with_suffix(".wav"), conv[f"audio{s}"], SAMPLE_RATE, subtype="FLOAT")
@@ -114,7 +122,7 @@ def _write_clip(job: tuple) -> str:
 
 def write_speech_corpus(out_dir: str | os.PathLike, splits: dict[str, int], seconds: float = 30.0,
                         seed: int = 0, engines: tuple[str, ...] = DEFAULT_ENGINES,
-                        workers: int | None = None, progress=None) -> Path:
+                        workers: int | None = None, progress=None, listener: str = "still") -> Path:
     """Write conversations in the DualTalk format the trainer reads; returns `out_dir`.
 
     Layout as `timar_sdk.data.synthetic.write_synthetic_corpus`: `<out_dir>/<split>/
@@ -122,15 +130,17 @@ def write_speech_corpus(out_dir: str | os.PathLike, splits: dict[str, int], seco
     neck then jaw, zero `shape`, `tex`, `cam`, `light`). `splits` maps split -> clip count;
     clips are numbered across splits and clip i uses the seed SeedSequence([seed, i]), so
     splits never share a clip. `workers` processes (default: the CPU count) write clips in
-    parallel; `progress(name)` is called after each clip.
+    parallel; `progress(name)` is called after each clip. `listener`: as generate_conversation.
     """
+    if listener not in LISTENERS:
+        raise ValueError(f"listener: expected one of {LISTENERS}, got {listener!r}")
     out = Path(out_dir)
     jobs, index = [], 0
     for split, count in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         for _ in range(count):
             clip_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-            jobs.append((str(out / split), f"tts{index:05d}", seconds, clip_seed, tuple(engines)))
+            jobs.append((str(out / split), f"tts{index:05d}", seconds, clip_seed, tuple(engines), listener))
             index += 1
     workers = workers or os.cpu_count() or 1
     if workers == 1:

@@ -4,9 +4,10 @@ A conversation has two participants (A = speaker 1, B = speaker 2) and, in about
 clips, a third person in the room ("meeting" clips) who is heard only as crosstalk, during
 which both participants listen. Turns of 1-3 phrases alternate with gaps drawn from
 N(0.35 s, 0.45 s) clipped to [-0.8, 1.8] s (negative gaps are overlaps: the next speaker
-starts before the current one has finished); listeners answer about a third of the other
-phrases' ends with a backchannel ("mm", "yeah", ...), and now and then backchannel in the
-middle of a long phrase (overlapping speech).
+starts before the current one has finished); with `lulls`, after about one turn in five
+nobody speaks for 1.5-4 s instead (the pair is silent together, as often in meetings);
+listeners answer about a third of the other phrases' ends with a backchannel ("mm",
+"yeah", ...), and now and then backchannel in the middle of a long phrase (overlapping speech).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from timar_sdk.data.speechlike.visemes import is_pause, is_vowel, phone_classes
 from timar_sdk.layout import SAMPLE_RATE
 
 __all__ = ["random_voice", "Placed", "Timeline", "speak", "floor_plan", "timeline"]
+
+LULL_PROB, LULL_S = 0.2, (1.5, 4.0)    # turns followed by a shared silence, its length
 
 
 def random_voice(rng: np.random.Generator, engines: tuple[str, ...]) -> Voice:
@@ -87,7 +90,7 @@ def _free(placed: list[Placed], who: int, a: float, b: float, margin: float) -> 
 
 
 def floor_plan(duration: float, rng: np.random.Generator, phrases: list[list[Utterance]],
-               backchannels: list[list[Utterance]], meeting: bool) -> list[Placed]:
+               backchannels: list[list[Utterance]], meeting: bool, lulls: bool = False) -> list[Placed]:
     """Place phrases and backchannels of the participants (see the module doc), sorted by
     start. phrases[who] / backchannels[who] are used in order and recycled if they run out."""
     placed: list[Placed] = []
@@ -104,7 +107,8 @@ def floor_plan(duration: float, rng: np.random.Generator, phrases: list[list[Utt
             start = max(t, last_end[who] + 0.15)
             placed.append(Placed(who, start, utt, "phrase", float(rng.normal(0.0, 2.0))))
             t = last_end[who] = start + utt.duration
-        t += float(np.clip(rng.normal(0.35, 0.45), -0.8, 1.8))
+        gap = float(np.clip(rng.normal(0.35, 0.45), -0.8, 1.8))
+        t += rng.uniform(*LULL_S) if lulls and rng.random() < LULL_PROB else gap
         if who == 2:
             who = int(rng.integers(2))
         elif meeting and rng.random() < 0.3:

@@ -5,17 +5,21 @@ dimensions (docs/TRAINING_DATA.md has the full table):
 
 | dim | carries | driven by |
 |---|---|---|
-| exp_0 | lips apart | vowels (open > mid > close), effort |
+| exp_0 | lips apart | vowels (open > mid > close), effort; attentive: parted while listening, breathing in |
 | exp_1 | spread / smile | i, e, s; listener smiles at the others' pauses; speaker smiles |
 | exp_2 | brows raised | pitch/energy accents, questions, listening interest |
 | exp_3 | frown (brows lowered) | slow variation, thinking before a turn |
 | exp_4 | lip rounding / protrusion | u, o, w, r, sh |
-| exp_5 | lip closure / press | b, p, m; lips pressed while listening |
+| exp_5 | lip closure / press | b, p, m; lips pressed while listening (attentive: in silences) |
 | exp_6 | lower lip tucked (f, v) | f, v |
 | exp_7..49 | other face variation | slow and fast noise, weakly mixed with the mouth channels |
 
 Jaw (50, rad): the coarticulated jaw channel of `visemes` scaled by the speaker's jaw range,
-plus a rest opening (0..0.02 rad) and a little jitter; closed (rest) in silence. Neck (53..55,
+plus a rest opening (0..0.02 rad) and a little jitter; at rest in silence. An *attentive*
+listener (`random_style(rng, attentive=True)`) instead relaxes the jaw open by 0.03..0.06 rad
+(per person) while someone else talks, following the others' speech within about 0.3 s, not
+their syllables, and parts the lips; at rest when nobody talks; before about half of the own
+phrases the mouth opens a little to breathe in (0.25..0.5 s). Neck (53..55,
 axis-angle rad, x = nod with positive = face down, y = turn, z = roll): slow drift; when
 speaking, a faster sway, beats on accents and a drop at phrase ends (a rise after questions);
 when listening, nods after the others' phrase ends and with the own backchannels.
@@ -33,13 +37,25 @@ from timar_sdk.layout import FPS, MOTION_DIM
 __all__ = ["random_style", "speaker_motion", "speaking_frames"]
 
 SUB = RATE // FPS       # control samples per motion frame
+# An attentive listener's jaw relaxes open while someone talks and closes again when nobody
+# does. With lulls in the floor plan, this range makes the jaw about uncorrelated with the
+# partner's voice over a clip, as in real conversational FLAME data (r 0.01; a still listener
+# gives -0.3), with the own silence still closed (docs/TRAINING_DATA.md, how it was set).
+LISTEN_JAW_RAD = (0.03, 0.06)
+ENGAGE_TAU_S = 0.3      # how fast the listening posture follows the others' speech
 
 
-def random_style(rng: np.random.Generator) -> dict:
-    """Per-person motion style (constant over a clip)."""
-    return {
+def random_style(rng: np.random.Generator, attentive: bool = False) -> dict:
+    """Per-person motion style (constant over a clip); `attentive`: the listening posture and
+    breathing in before phrases (module doc)."""
+    style = {
         "jaw": rng.uniform(0.75, 1.1),         # jaw range multiplier
         "jaw_rest": rng.uniform(0.0, 0.02),    # rad, mouth at rest
+    }
+    if attentive:
+        style["jaw_listen"] = rng.uniform(*LISTEN_JAW_RAD)   # rad, relaxed open while attending
+        style["inhale_prob"] = rng.uniform(0.4, 0.8)         # mouth opens to breathe in before a phrase
+    style |= {
         "lead": rng.uniform(0.0, 0.04),        # s, articulation ahead of the sound
         "lips": rng.uniform(0.8, 1.2),         # lip-shape gain
         "head": rng.uniform(0.7, 1.3),         # head motion amplitude
@@ -50,6 +66,7 @@ def random_style(rng: np.random.Generator) -> dict:
         "offset": rng.normal(0.0, 0.3, 50) * (np.arange(50) >= 7),  # identity, exp_7..49
         "loadings": rng.normal(0.0, 0.12, (43, 5)),   # exp_7..49 <- mouth channels
     }
+    return style
 
 
 def speaking_frames(tl: Timeline, n_frames: int) -> np.ndarray:
@@ -111,6 +128,13 @@ def speaker_motion(tl: Timeline, others: list[Timeline], style: dict, n_frames: 
     speaking = speaking_frames(tl, n)
     talk = np.convolve(speaking.astype(float), np.ones(13) / 13, "same")   # 0..1, 0.5 s
     listening = 1.0 - np.clip(talk * 2, 0, 1)
+    attentive = "jaw_listen" in style
+    attending = np.zeros(n)                # 0..1: someone else talks and this person listens
+    if attentive:
+        for o in others:
+            attending = np.maximum(attending, speaking_frames(o, n))
+        a = np.exp(-1.0 / (ENGAGE_TAU_S * FPS))
+        attending = lfilter([1 - a], [1, -a], attending) * listening
 
     # --- events ----------------------------------------------------------------------------
     acc_t, acc_s = _accents(tl)
@@ -126,7 +150,17 @@ def speaker_motion(tl: Timeline, others: list[Timeline], style: dict, n_frames: 
     # --- expression --------------------------------------------------------------------------
     exp = np.zeros((n, 50))
     lips = style["lips"]
-    exp[:, 0] = 2.2 * lips * open_
+    posture, inhale = np.zeros(n), np.zeros(n)   # inhale 0..1: breathing in before a phrase
+    if attentive:
+        posture = attending * (1 + 0.2 * _smooth_noise(rng, n, 1, 2 * FPS)[:, 0])
+        for start in [s for s, e, kind, q in tl.phrases if kind == "phrase"]:
+            if rng.random() < style["inhale_prob"]:
+                shape = rng.uniform(0.5, 1.0) * _bump(max(2, int(rng.uniform(0.25, 0.5) * FPS)))
+                k = int(start * FPS) - len(shape)
+                lo, hi = max(0, k), min(n, k + len(shape))
+                if hi > lo:
+                    inhale[lo:hi] = np.maximum(inhale[lo:hi], shape[lo - k:hi - k])
+    exp[:, 0] = 2.2 * lips * open_ + 0.25 * posture + 0.3 * inhale
     smile = np.zeros(n)
     for t in smile_at:
         k = int(t * FPS)
@@ -147,7 +181,7 @@ def speaker_motion(tl: Timeline, others: list[Timeline], style: dict, n_frames: 
     exp[:, 3] = 0.35 * _smooth_noise(rng, n, 1, 3 * FPS)[:, 0] + think
     exp[:, 4] = 1.6 * lips * round_
     press = np.clip(_smooth_noise(rng, n, 1, 2 * FPS)[:, 0], 0, None)
-    exp[:, 5] = 1.6 * lips * close + 0.3 * press * listening
+    exp[:, 5] = 1.6 * lips * close + 0.3 * press * listening * (1 - attending)
     exp[:, 6] = 1.3 * lips * tuck
     # exp_7..49: per dimension, half slow drift, half fast AR(1) texture (lag-1 0.85).
     sigma = 0.7 / (1.0 + np.arange(43) / 40.0)
@@ -160,7 +194,10 @@ def speaker_motion(tl: Timeline, others: list[Timeline], style: dict, n_frames: 
     # --- jaw -----------------------------------------------------------------------------------
     jitter = lfilter([1.0], [1, -0.8], rng.standard_normal(n)) * 0.0035
     jitter += 0.008 * _smooth_noise(rng, n, 1, FPS // 2)[:, 0]
-    jaw = np.clip(style["jaw_rest"] + jaw_ch + jitter, -0.01, 0.4)
+    jaw = style["jaw_rest"] + jaw_ch + jitter
+    if attentive:
+        jaw += style["jaw_listen"] * posture + 0.03 * inhale * (1 - np.clip(jaw_ch / 0.05, 0, 1))
+    jaw = np.clip(jaw, -0.01, 0.4)
 
     # --- neck -----------------------------------------------------------------------------------
     h = style["head"]
