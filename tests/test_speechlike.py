@@ -61,6 +61,11 @@ def figures(motion: np.ndarray, own: np.ndarray, partner: np.ndarray) -> dict:
     }
 
 
+def _within(mask: np.ndarray, frames: int) -> np.ndarray:
+    """bool [T]: mask is true somewhere within +-frames // 2 frames."""
+    return np.convolve(mask.astype(float), np.ones(frames), "same") > 0
+
+
 @pytest.fixture(scope="module")
 def clips():
     return [generate_conversation(24.0, seed, ESPEAK, details=True) for seed in (11, 12, 13)]
@@ -99,7 +104,7 @@ def test_silence_means_a_closed_jaw(clips, figs):
     for c in clips:                       # well away from the own voice: at rest, 0..0.03 rad
         for s in (0, 1):
             speaking = c["info"]["speaking"][s]
-            near = np.convolve(speaking.astype(float), np.ones(11), "same") > 0  # +-0.2 s
+            near = _within(speaking, 11)  # +-0.2 s
             jaw = c[f"motion{s + 1}"][~near, 50]
             assert len(jaw) > 50 and np.percentile(jaw, 95) <= 0.04 and jaw.max() < 0.06
 
@@ -110,7 +115,7 @@ def test_jaw_follows_the_own_voice_not_the_partner(clips, figs):
     r = []
     for c in clips:
         for s in (0, 1):
-            near = np.convolve(c["info"]["speaking"][s].astype(float), np.ones(21), "same") > 0
+            near = _within(c["info"]["speaking"][s], 21)
             jaw = c[f"motion{s + 1}"][~near, 50]
             r.append(np.corrcoef(jaw, loudness(c[f"audio{2 - s}"])[~near])[0, 1])
     assert np.abs(r).mean() < 0.1 and max(r) < 0.2, r
@@ -128,7 +133,7 @@ def _anyone_near(clip: dict, frames: int) -> np.ndarray:
     for who, start, end, kind, text in clip["info"]["utterances"]:
         if who == 2:
             sounding[int(start * FPS):int(np.ceil(end * FPS))] = True
-    return np.convolve(sounding.astype(float), np.ones(frames), "same") > 0
+    return _within(sounding, frames)
 
 
 def _high_pass(x: np.ndarray) -> np.ndarray:
@@ -159,7 +164,7 @@ def test_attentive_listener_parts_the_lips_without_following_the_partner(attenti
     for c in attentive_clips:
         for s in (0, 1):
             speaking = c["info"]["speaking"]
-            listening = speaking[1 - s] & ~(np.convolve(speaking[s].astype(float), np.ones(21), "same") > 0)
+            listening = speaking[1 - s] & ~_within(speaking[s], 21)
             jaw, partner = c[f"motion{s + 1}"][:, 50], loudness(c[f"audio{2 - s}"])
             r.append(np.corrcoef(_high_pass(jaw)[listening], _high_pass(partner)[listening])[0, 1])
     assert np.mean(r) < 0.12 and max(r) < 0.25, r
@@ -210,7 +215,7 @@ def test_audio_is_the_tts_speech_through_a_microphone(clips):
             assert np.corrcoef(np.log(env_t + 1e-5), np.log(env_d + 1e-5))[0, 1] > 0.7
             # ... and the partner as crosstalk, far below the own voice.
             own = info["speaking"][s]
-            other = info["speaking"][1 - s] & ~np.convolve(own, np.ones(7), "same").astype(bool)
+            other = info["speaking"][1 - s] & ~_within(own, 7)
             if other.sum() > 25:
                 gap = np.median(20 * np.log10(env_t[own] + 1e-9)) \
                     - np.median(20 * np.log10(env_t[other] + 1e-9))

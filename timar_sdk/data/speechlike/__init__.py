@@ -47,6 +47,11 @@ MEETING_PROB = 0.4       # clips with a third person in the room
 LISTENERS = ("still", "attentive")   # how a listener's mouth behaves (docs/TRAINING_DATA.md)
 
 
+def _check_listener(listener: str) -> None:
+    if listener not in LISTENERS:
+        raise ValueError(f"listener: expected one of {LISTENERS}, got {listener!r}")
+
+
 def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = DEFAULT_ENGINES,
                           details: bool = False, listener: str = "still") -> dict:
     """One two-person conversation of `seconds` seconds, fully determined by (seed, engines,
@@ -64,8 +69,7 @@ def generate_conversation(seconds: float, seed: int, engines: tuple[str, ...] = 
     n_frames = int(round(seconds * FPS))
     if n_frames < 1:
         raise ValueError(f"seconds must give at least one frame at {FPS} fps, got {seconds}")
-    if listener not in LISTENERS:
-        raise ValueError(f"listener: expected one of {LISTENERS}, got {listener!r}")
+    _check_listener(listener)
     attentive = listener == "attentive"
     missing = [e for e in engines if e not in available_engines()]
     if missing or not engines:
@@ -132,8 +136,7 @@ def write_speech_corpus(out_dir: str | os.PathLike, splits: dict[str, int], seco
     splits never share a clip. `workers` processes (default: the CPU count) write clips in
     parallel; `progress(name)` is called after each clip. `listener`: as generate_conversation.
     """
-    if listener not in LISTENERS:
-        raise ValueError(f"listener: expected one of {LISTENERS}, got {listener!r}")
+    _check_listener(listener)
     out = Path(out_dir)
     jobs, index = [], 0
     for split, count in splits.items():
